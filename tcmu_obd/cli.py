@@ -22,6 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
+    for name, command in sub.choices.items():
+        # Every command takes --global-config, as every upstream tool takes the service config.
+        if not any("--global-config" in a.option_strings for a in command._actions):
+            command.add_argument(
+                "--global-config",
+                metavar="PATH",
+                default=None,
+                help="overlaybd.json (default: /etc/overlaybd/overlaybd.json when present, else built-in defaults)",
+            )
     return parser
 
 

@@ -23,3 +23,6 @@ def fixtures_obd():
 @pytest.fixture(scope="session")
 def fixtures_upstream():
     return FIXTURES_UPSTREAM
+
+
+pytest_plugins = ["tests.support.registry", "tests.support.faultproxy"]
