@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+from ..errors import FormatError
 from ..format import lsmt
-from ..image.layers import open_committed_layer
+from ..image.layers import open_committed_layer, unwrap
 from ..image.source import FileSource
 
 
@@ -18,15 +19,27 @@ def register(sub) -> None:
 
 
 async def describe(path: str) -> dict:
-    src = FileSource(path)
-    layer = await open_committed_layer(src)
+    try:
+        layer = await open_committed_layer(FileSource(path))
+    except FormatError as e:
+        # A ZFile or tar of something other than an LSMT layer (e.g. an `overlaybd-zfile`
+        # of a plain file) is still worth describing; anything else is not a blob we know.
+        unwrapped = await unwrap(FileSource(path))
+        try:
+            if unwrapped.tar_payload is None and unwrapped.zfile is None:
+                raise
+            info = _wrapping_info(path, unwrapped, unwrapped.outer.size)
+            info["wrapping"] = info["wrapping"][:-1]  # what is inside is not LSMT
+            info["payload"] = {"size": unwrapped.source.size, "lsmt": False, "note": e.message}
+            return info
+        finally:
+            await unwrapped.source.aclose()
+    src = layer.unwrapped.outer
     try:
         maps = layer.mappings
         zeroed = sum(1 for m in maps if m.zeroed)
-        info: dict = {
-            "path": path,
-            "blob_size": src.size,
-            "wrapping": layer.unwrapped.wrapping,
+        info = _wrapping_info(path, layer.unwrapped, src.size)
+        info.update({
             "lsmt": {
                 "size": layer.source.size,
                 "virtual_size": layer.virtual_size,
@@ -45,26 +58,31 @@ async def describe(path: str) -> dict:
                 "zeroed_bytes": sum(m.length for m in maps if m.zeroed) * lsmt.SECTOR,
                 "max_entry_sectors": max((m.length for m in maps), default=0),
             },
-        }
-        if layer.unwrapped.tar_payload:
-            off, size = layer.unwrapped.tar_payload
-            info["tar"] = {"payload_offset": off, "payload_size": size}
-        z = layer.unwrapped.zfile
-        if z is not None:
-            h = z.header
-            info["zfile"] = {
-                "algorithm": {1: "lz4", 2: "zstd"}.get(h.algo, str(h.algo)),
-                "block_size": h.block_size,
-                "blocks": z.jump_table.n_blocks,
-                "original_size": h.original_file_size,
-                "crc": bool(h.verify),
-                "digest": bool(h.has_digest),
-                "header_overwrite": bool(h.header_overwrite),
-                "compressed_size": layer.unwrapped.tar_payload[1] if layer.unwrapped.tar_payload else src.size,
-            }
+        })
         return info
     finally:
         await layer.aclose()
+
+
+def _wrapping_info(path: str, unwrapped, blob_size: int) -> dict:
+    info: dict = {"path": path, "blob_size": blob_size, "wrapping": unwrapped.wrapping}
+    if unwrapped.tar_payload:
+        off, size = unwrapped.tar_payload
+        info["tar"] = {"payload_offset": off, "payload_size": size}
+    z = unwrapped.zfile
+    if z is not None:
+        h = z.header
+        info["zfile"] = {
+            "algorithm": {1: "lz4", 2: "zstd"}.get(h.algo, str(h.algo)),
+            "block_size": h.block_size,
+            "blocks": z.jump_table.n_blocks,
+            "original_size": z.size,
+            "crc": bool(h.verify),
+            "digest": bool(h.has_digest),
+            "header_overwrite": bool(h.header_overwrite),
+            "compressed_size": unwrapped.tar_payload[1] if unwrapped.tar_payload else blob_size,
+        }
+    return info
 
 
 def _text(tag) -> str:
@@ -78,7 +96,8 @@ def _main(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['path']}: {' → '.join(info['wrapping'])}, {info['blob_size']} bytes")
+    wrapping = info["wrapping"] if "lsmt" in info else info["wrapping"] + ["(not LSMT)"]
+    print(f"{info['path']}: {' → '.join(wrapping)}, {info['blob_size']} bytes")
     if "tar" in info:
         print(f"  tar:   payload {info['tar']['payload_size']} bytes at {info['tar']['payload_offset']}")
     if "zfile" in info:
@@ -86,6 +105,9 @@ def _main(args) -> int:
         print(f"  zfile: {z['algorithm']}, {z['block_size'] // 1024} KiB blocks × {z['blocks']}, "
               f"original {z['original_size']} bytes, crc {'on' if z['crc'] else 'off'}, "
               f"digest {'on' if z['digest'] else 'off'}")
+    if "lsmt" not in info:
+        print(f"  payload: {info['payload']['size']} bytes, not an LSMT layer ({info['payload']['note']})")
+        return 0
     m = info["lsmt"]
     print(f"  lsmt:  virtual size {m['virtual_size']} bytes, uuid {m['uuid']}, parent {m['parent_uuid']}")
     print(f"         index {m['valid_entries']} entries (+{m['padding_entries']} padding, "
