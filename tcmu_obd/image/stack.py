@@ -71,6 +71,11 @@ class Image:
         self._write_lock = asyncio.Lock()
         self._closed = False
 
+    @property
+    def blob_sources(self) -> list[BlobSource]:
+        """The stored blob of each lower (before tar/ZFile unwrapping), bottom first."""
+        return [layer.unwrapped.outer for layer in self.lowers]
+
     @classmethod
     def from_layers(cls, lowers: list[CommittedLayer], upper: Any = None, read_only: bool = False) -> "Image":
         return cls(lowers, upper, read_only=read_only)
@@ -285,8 +290,13 @@ async def open_image(
     *,
     scheduler=None,
     read_only: bool = False,
+    background_fill: bool = True,
 ) -> Image:
     """Open the image a config.v1.json describes; writes its resultFile like upstream.
+
+    With a scheduler and `background_fill`, upstream's background download starts once the
+    image is open: when download.enable is set, every remote lower with a `dir` is filled
+    (after download.delay) and ends as <dir>/overlaybd.commit.
 
     Raises ObdError subclasses naming the layer and the cause.
     """
@@ -302,6 +312,8 @@ async def open_image(
         write_result_file(cfg, e)
         raise ImageIOError(f"{config_path}: {e}", e.errno or 5) from e
     write_result_file(cfg, None)
+    if scheduler is not None and background_fill:
+        scheduler.start_image_fill(cfg, image.blob_sources)
     return image
 
 

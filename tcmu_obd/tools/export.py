@@ -12,8 +12,8 @@ import os
 import sys
 
 from ..config import load_global_config
-from ..image.stack import open_image
 from .progress import Progress
+from .runtime import opened_image
 
 CHUNK = 4 << 20
 READ_AHEAD = 8  # chunks in flight; bounds memory to READ_AHEAD × CHUNK
@@ -44,25 +44,19 @@ def _chunks(image):
 
 async def export(config: str, out: str, *, global_config_path: str | None = None, progress: bool = True) -> None:
     gcfg = load_global_config(global_config_path)
-    from .runtime import maybe_scheduler
-
-    async with maybe_scheduler(config, gcfg) as scheduler:
-        image = await open_image(config, gcfg, scheduler=scheduler, read_only=True)
+    async with opened_image(config, gcfg, read_only=True, background_fill=False) as image:
+        to_stdout = out == "-"
+        fd = sys.stdout.buffer.fileno() if to_stdout else os.open(
+            out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            to_stdout = out == "-"
-            fd = sys.stdout.buffer.fileno() if to_stdout else os.open(
-                out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                with Progress("export", image.size, enabled=progress and not to_stdout) as bar:
-                    await _copy(image, fd, to_stdout, bar)
-                if not to_stdout:
-                    os.ftruncate(fd, image.size)
-                    os.fsync(fd)
-            finally:
-                if not to_stdout:
-                    os.close(fd)
+            with Progress("export", image.size, enabled=progress and not to_stdout) as bar:
+                await _copy(image, fd, to_stdout, bar)
+            if not to_stdout:
+                os.ftruncate(fd, image.size)
+                os.fsync(fd)
         finally:
-            await image.aclose()
+            if not to_stdout:
+                os.close(fd)
 
 
 async def _copy(image, fd: int, to_stdout: bool, bar) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import os
 
 from ..config import GlobalConfig, load_image_config, local_layer_candidates
+from ..image.stack import Image, open_image
 
 
 def needs_remote(config_path: str, gcfg: GlobalConfig) -> bool:
@@ -28,3 +29,16 @@ async def maybe_scheduler(config_path: str, gcfg: GlobalConfig):
         yield scheduler
     finally:
         await scheduler.aclose()
+
+
+@contextlib.asynccontextmanager
+async def opened_image(config_path: str, gcfg: GlobalConfig, *, read_only: bool = False,
+                       background_fill: bool = True):
+    """Open an image with a scheduler when it needs one; close both on exit (image first)."""
+    async with maybe_scheduler(config_path, gcfg) as scheduler:
+        image: Image = await open_image(config_path, gcfg, scheduler=scheduler, read_only=read_only,
+                                        background_fill=background_fill)
+        try:
+            yield image
+        finally:
+            await image.aclose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -183,14 +184,17 @@ def handler(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args, listen))
 
 
-async def _open(args: argparse.Namespace):
+async def _open(args: argparse.Namespace, stack: contextlib.AsyncExitStack):
+    """Open what to serve; everything opened is closed by `stack` (image, then scheduler)."""
     if args.raw:
-        return RawFileImage(args.raw, read_only=args.read_only)
+        image = RawFileImage(args.raw, read_only=args.read_only)
+        stack.push_async_callback(image.aclose)
+        return image
     from ..config import load_global_config
-    from ..image.stack import open_image  # the lead's opener
+    from .runtime import opened_image
 
     global_config = load_global_config(args.global_config)
-    return await open_image(args.config, global_config, read_only=args.read_only)
+    return await stack.enter_async_context(opened_image(args.config, global_config, read_only=args.read_only))
 
 
 async def _serve(args: argparse.Namespace, listen: Listen) -> int:
@@ -209,8 +213,9 @@ async def _serve(args: argparse.Namespace, listen: Listen) -> int:
     # -- startup: any failure here exits 3 ------------------------------------------
     image = None
     server = None
+    resources = contextlib.AsyncExitStack()
     try:
-        image = await _open(args)
+        image = await _open(args, resources)
         desc = args.description or (f"raw file {args.raw}" if args.raw else f"overlaybd {args.config}")
         server = NBDServer(image, export_name=args.export_name, read_only=args.read_only, description=desc)
         if listen.kind == "unix":
@@ -223,8 +228,7 @@ async def _serve(args: argparse.Namespace, listen: Listen) -> int:
         print(f"tcmu-obd serve: startup failed: {e}", file=sys.stderr)
         if server is not None:
             await server.aclose(grace=0)
-        if image is not None:
-            await image.aclose()
+        await resources.aclose()
         return EXIT_STARTUP_FAILURE
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -255,12 +259,7 @@ async def _serve(args: argparse.Namespace, listen: Listen) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await image.aclose()
-        if listen.kind == "unix":
-            try:
-                os.unlink(listen.path)
-            except OSError:
-                pass
+        await resources.aclose()
     print("tcmu-obd serve: stopped", flush=True)
     return code
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import collections.abc
 import itertools
 import logging
@@ -94,6 +95,7 @@ class NBDServer:
         self._pool: dict[int, list[bytearray]] = {}
         self._pool_bytes = 0
         self._closing = False
+        self._socket_paths: list[str] = []  # unix sockets we created, removed again by aclose()
         self.stats = {"connections": 0, "requests": 0, "errors": 0}
 
     def __repr__(self) -> str:
@@ -109,6 +111,7 @@ class NBDServer:
         _remove_stale_socket(path)
         server = await loop.create_unix_server(self._make_protocol, path=path)
         self._servers.append(server)
+        self._socket_paths.append(path)
         return server
 
     async def serve_tcp(self, host: str, port: int) -> asyncio.base_events.Server:
@@ -156,6 +159,10 @@ class NBDServer:
             await asyncio.gather(*(c.wait_closed() for c in conns), return_exceptions=True)
         for server in servers:
             await server.wait_closed()
+        paths, self._socket_paths = self._socket_paths, []
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 class _Resumed(collections.abc.Coroutine):

@@ -1,0 +1,661 @@
+"""Scheduler: the one caller of the registry client. Priorities, in-flight dedup, the filler.
+
+Theory of operation
+-------------------
+Every byte fetched from a registry goes through a *Transfer*: one range GET of
+[start, end) of one blob, written into the blob's cache, then dropped from the blob's
+in-flight table. In-flight ranges of a blob never overlap, so each byte is fetched at most
+once at a time; anyone who needs a byte that is in flight waits for that transfer (through
+`asyncio.shield`, so one waiter's cancel never cancels the shared fetch).
+
+Three classes, `Priority.FOREGROUND < PREFETCH < FILL`:
+
+* FOREGROUND (a read from a device): planned and started at once, never queued, not counted
+  against the background window. The missing pages of the read are widened to `refillSize`
+  alignment (as upstream's file cache does); missing runs separated by at most one refill
+  unit are coalesced into one GET. A range already in flight is waited for, not refetched. A
+  PREFETCH transfer still waiting for admission is *promoted* instead: it starts at once.
+* PREFETCH (trace replay) and FILL (background download) share one window of bytes in
+  flight, sized by the controller (AdaptiveWindow, or FixedWindow for `upstream`/fixed
+  modes). Waiters are admitted strictly by priority, then arrival; while any foreground
+  transfer is running the background window is scaled by `fg_yield`, so the registry link's
+  queue drains in favour of the device.
+* FILL is driven by one filler task for the whole daemon. It walks the blobs in the order
+  their fill started and hands out the next missing, not-in-flight chunk (`fill_chunk`
+  bytes) whenever the window admits one — so concurrency spans chunks, layers and blobs.
+  maxMBps is a token bucket on FILL bytes (0 = unthrottled).
+
+Assignment (`_plan`, `_next_fill_chunk`, `_pump_admission`) is synchronous and awaits
+nothing; the awaiting happens around it (httpcore's pool pattern). Cancel invariants are
+noted where they matter.
+
+Completion: the blob's BlobCache hashes in order as bytes arrive; "verified" resolves
+`wait_filled`; "mismatch" (cache already discarded) restarts the fill, up to `tryCnt` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import errno
+import enum
+import heapq
+import itertools
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..cache import BlobCache, CacheStore
+from ..errors import AuthError, ConfigError, DigestMismatch, ImageIOError, ObdError, RemoteError
+from .control import AdaptiveWindow, FixedWindow, TokenBucket
+
+log = logging.getLogger(__name__)
+MiB = 1 << 20
+
+
+class Priority(enum.IntEnum):
+    FOREGROUND = 0
+    PREFETCH = 1
+    FILL = 2
+
+
+class Fetcher(Protocol):
+    """What the scheduler needs from the registry client (RegistryClient satisfies it)."""
+
+    async def read_range_into(self, url: str, offset: int, buf: memoryview) -> None: ...
+
+    async def blob_size(self, url: str) -> int: ...
+
+
+@dataclass
+class SchedulerOptions:
+    """Knobs (docs/scheduler.md). mode: "adaptive" (default), "fixed" (fixed_concurrency
+    requests of fill_chunk), "upstream" (one download.blockSize request at a time, like
+    upstream's bk_download)."""
+
+    mode: str = "adaptive"
+    fill_chunk: int = 4 * MiB
+    max_concurrency: int = 64
+    max_inflight_bytes: int = 256 * MiB
+    fixed_concurrency: int = 16
+    fg_yield: float = 0.5
+    fg_attempts: int = 3
+    max_mbps: float | None = None  # None: from download.maxMBps
+
+    def make_window(self, block_size: int):
+        if self.mode == "upstream":
+            return FixedWindow(1)
+        if self.mode == "fixed":
+            return FixedWindow(self.fixed_concurrency, self.max_inflight_bytes)
+        if self.mode != "adaptive":
+            raise ValueError(f"unknown scheduler mode {self.mode!r}")
+        return AdaptiveWindow(
+            self.fill_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency
+        )
+
+
+class FillState(enum.Enum):
+    IDLE = "idle"
+    DELAYED = "delayed"
+    ACTIVE = "active"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class SchedulerStats:
+    """Plain counters for progress displays and tests."""
+
+    bytes_fetched: dict = field(default_factory=lambda: {p: 0 for p in Priority})
+    requests: dict = field(default_factory=lambda: {p: 0 for p in Priority})
+    failures: dict = field(default_factory=lambda: {p: 0 for p in Priority})
+    fg_inflight: int = 0
+    fg_latency_buckets: tuple = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+    fg_latency_counts: list = field(default_factory=lambda: [0] * 10)
+    started_at: float = field(default_factory=time.monotonic)
+
+    fg_latency_sum: float = 0.0
+
+    def observe_fg(self, latency: float) -> None:
+        self.fg_latency_sum += latency
+        for i, b in enumerate(self.fg_latency_buckets):
+            if latency <= b:
+                self.fg_latency_counts[i] += 1
+                return
+
+    @property
+    def total_fetched(self) -> int:
+        return sum(self.bytes_fetched.values())
+
+
+class Transfer:
+    """One range GET in flight (or, for PREFETCH, waiting for admission)."""
+
+    __slots__ = ("blob", "start", "end", "priority", "task", "admit", "counted", "queued_at", "__weakref__")
+
+    def __init__(self, blob: "RemoteBlob", start: int, end: int, priority: Priority):
+        self.blob, self.start, self.end, self.priority = blob, start, end, priority
+        self.task: asyncio.Task | None = None
+        self.admit: asyncio.Future | None = None  # set while waiting for the background window
+        self.counted = False  # counted in the background window
+        self.queued_at = 0.0
+
+    def __repr__(self) -> str:
+        state = "queued" if self.admit is not None and not self.admit.done() else "active"
+        return f"<Transfer {self.blob.digest[7:19]} [{self.start}, {self.end}) {self.priority.name} {state}>"
+
+
+class RemoteBlob:
+    """Scheduler-side state of one blob: its cache, its in-flight table, its fill."""
+
+    def __init__(self, key, url: str, digest: str, size: int, cache: BlobCache):
+        self.key, self.url, self.digest, self.size, self.cache = key, url, digest, size, cache
+        self.refs = 0
+        self._starts: list[int] = []  # sorted starts of in-flight transfers
+        self._by_start: dict[int, Transfer] = {}
+        self.fill_state = FillState.IDLE
+        self.fill_cursor = 0
+        self.fill_errors = 0
+        self.fill_attempts = 0
+        self.fill_paused_until = 0.0
+        self.fill_error: BaseException | None = None
+        self.try_cnt = 5
+        self.fill_done: asyncio.Future | None = None
+        self.delay_task: asyncio.Task | None = None
+
+    # in-flight table (disjoint ranges)
+    def add(self, t: Transfer) -> None:
+        bisect.insort(self._starts, t.start)
+        self._by_start[t.start] = t
+
+    def remove(self, t: Transfer) -> None:
+        if self._by_start.get(t.start) is t:
+            del self._by_start[t.start]
+            i = bisect.bisect_left(self._starts, t.start)
+            del self._starts[i]
+
+    def overlapping(self, start: int, end: int) -> list[Transfer]:
+        i = bisect.bisect_right(self._starts, start) - 1
+        out = []
+        i = max(i, 0)
+        while i < len(self._starts) and self._starts[i] < end:
+            t = self._by_start[self._starts[i]]
+            if t.end > start:
+                out.append(t)
+            i += 1
+        return out
+
+    def next_inflight_start(self, pos: int) -> int | None:
+        i = bisect.bisect_right(self._starts, pos)
+        return self._starts[i] if i < len(self._starts) else None
+
+    @property
+    def inflight(self) -> list[Transfer]:
+        return [self._by_start[s] for s in self._starts]
+
+    def __repr__(self) -> str:
+        return f"<RemoteBlob {self.digest[:19]} {self.fill_state.value} {self.cache!r}>"
+
+
+def _align_down(x: int, a: int) -> int:
+    return x - x % a
+
+
+def _align_up(x: int, a: int) -> int:
+    return -(-x // a) * a
+
+
+class Scheduler:
+    """One per daemon. `fetcher`: RegistryClient (or any Fetcher); `cache`: CacheStore."""
+
+    def __init__(self, fetcher: Fetcher, cache: CacheStore, global_config, options: SchedulerOptions | None = None):
+        self.fetcher = fetcher
+        self.cache = cache
+        self.config = global_config
+        self.options = options or SchedulerOptions()
+        dl = global_config.download
+        self.download = dl
+        self.refill = cache.refill_size
+        if self.options.mode == "upstream":
+            self.fill_chunk = dl.block_size
+        else:
+            self.fill_chunk = self.options.fill_chunk
+        self.window = self.options.make_window(dl.block_size)
+        # Foreground must never queue for an HTTP connection behind the fill: keep some of the
+        # client's connection pool out of the background's reach.
+        pool = getattr(fetcher, "max_connections", None)
+        if isinstance(pool, int) and pool > 0:
+            self.window.max_requests = min(self.window.max_requests, max(1, pool - max(4, pool // 8)))
+        mbps = self.options.max_mbps if self.options.max_mbps is not None else dl.max_mbps
+        rate = mbps * MiB if mbps and mbps > 0 else 0
+        self.bucket = TokenBucket(rate, burst=max(rate, self.fill_chunk) if rate else None, now=time.monotonic())
+        self.stats = SchedulerStats()
+        self._blobs: dict[tuple, RemoteBlob] = {}
+        self._fill_order: list[RemoteBlob] = []
+        self._admission: list = []  # heap of (priority, seq, future, nbytes)
+        self._seq = itertools.count()
+        self._fg_active = 0
+        self._fill_wake = asyncio.Event()
+        self._filler: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        self._owned: list = []  # closed last by aclose (see create())
+        self.clock = time.monotonic
+
+    @classmethod
+    async def create(cls, global_config, options: SchedulerOptions | None = None) -> "Scheduler":
+        """A Scheduler that owns its RegistryClient and CacheStore (closed by `aclose`)."""
+        from ..remote.registry import RegistryClient
+
+        opts = options or SchedulerOptions()
+        client = RegistryClient(global_config, max_connections=max(64, opts.max_concurrency + 8))
+        try:
+            store = CacheStore.from_config(global_config)
+        except BaseException:
+            await client.aclose()
+            raise
+        s = cls(client, store, global_config, opts)
+        s._owned = [store, client]
+        return s
+
+    # --- blobs --------------------------------------------------------------------------------
+    async def open_blob(self, image_config, lower):
+        """A BlobSource for a lower that has no local file (reads go through cache + registry)."""
+        from ..remote_source import RemoteBlobSource
+
+        if not lower.digest:
+            raise ConfigError(f"{image_config.source}: lower has neither a local file nor a digest")
+        if not image_config.repo_blob_url:
+            raise ConfigError(f"{image_config.source}: empty repoBlobUrl")
+        url = image_config.blob_url(lower.digest)
+        b = await self.open_remote(url, lower.digest, lower.size, dir=lower.dir)
+        return RemoteBlobSource(self, b)
+
+    async def open_remote(self, url: str, digest: str, size: int = 0, *, dir: str = "") -> RemoteBlob:
+        """The shared RemoteBlob for a blob (one reference; `release` it)."""
+        key = (digest, os.path.abspath(dir) if dir else "")
+        b = self._blobs.get(key)
+        if b is None:
+            if size <= 0:
+                size = await self.fetcher.blob_size(url)
+            b = self._blobs.get(key)  # another opener may have won while we asked the registry
+        if b is None:
+            cache = self.cache.open_blob(digest, size, dir=dir)
+            b = RemoteBlob(key, url, digest, size, cache)
+            cache.listeners.append(lambda event, b=b: self._on_cache_event(b, event))
+            self._blobs[key] = b
+        b.refs += 1
+        return b
+
+    async def release(self, b: RemoteBlob) -> None:
+        b.refs -= 1
+        if b.refs > 0:
+            return
+        self.stop_fill(b)
+        for t in b.inflight:
+            if t.task is not None:
+                t.task.cancel()
+        self._blobs.pop(b.key, None)
+        await self.cache.release(b.cache)
+
+    @staticmethod
+    def _blob_of(obj) -> RemoteBlob:
+        return obj if isinstance(obj, RemoteBlob) else obj.blob
+
+    # --- ensure --------------------------------------------------------------------------------
+    async def ensure(self, blob, offset: int, length: int, priority: Priority = Priority.FOREGROUND) -> None:
+        """Return once [offset, offset+length) of `blob` is in the cache.
+
+        Raises RemoteError when the registry keeps failing (after `fg_attempts` tries),
+        ImageIOError when the cache file cannot be written.
+        """
+        b = self._blob_of(blob)
+        end = min(offset + length, b.size)
+        failures = 0
+        while not b.cache.is_present(offset, end):
+            if b.cache.closed or self._closed:
+                raise ImageIOError(f"{b.digest}: blob closed", errno.EBADF)
+            waits = self._plan(b, offset, end, Priority(priority))
+            if not waits:
+                await asyncio.sleep(0)  # only possible if the range became present meanwhile
+                continue
+            # Cancel invariant: shield() keeps the shared transfers running if we are cancelled.
+            results = await asyncio.gather(*(asyncio.shield(t.task) for t in waits), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors and not b.cache.is_present(offset, end):
+                failures += 1
+                if failures >= max(1, self.options.fg_attempts):
+                    err = next((e for e in errors if isinstance(e, ObdError)), errors[0])
+                    if isinstance(err, asyncio.CancelledError):
+                        raise RemoteError(f"{b.url}: transfer cancelled", url=b.url)
+                    raise err
+
+    def _plan(self, b: RemoteBlob, start: int, end: int, priority: Priority) -> list[Transfer]:
+        """Sync: start what is missing in [start, end) (refill-aligned), return what to wait for."""
+        r = self.refill
+        a0, a1 = _align_down(start, r), min(_align_up(end, r), b.size)
+        runs = b.cache.missing_runs(a0, a1)
+        merged: list[list[int]] = []
+        for s, e in runs:  # coalesce runs separated by at most one refill unit
+            if merged and s - merged[-1][1] <= r:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e])
+        waits: list[Transfer] = []
+        for s, e in merged:
+            pos = s
+            for t in b.overlapping(s, e):
+                if t.start > pos:
+                    waits.append(self._launch(b, pos, t.start, priority))
+                if priority < t.priority and t.admit is not None and not t.admit.done():
+                    self._promote(t, priority)
+                waits.append(t)
+                pos = max(pos, t.end)
+            if pos < e:
+                waits.append(self._launch(b, pos, e, priority))
+        return [t for t in waits if t.start < end and t.end > start]
+
+    def _launch(self, b: RemoteBlob, start: int, end: int, priority: Priority, *, counted: bool = False) -> Transfer:
+        t = Transfer(b, start, end, priority)
+        t.counted = counted
+        t.queued_at = self.clock()
+        b.add(t)
+        t.task = asyncio.get_running_loop().create_task(self._run(t), name=repr(t))
+        # waiters see the error through shield(); a fill transfer may have none
+        t.task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return t
+
+    def _promote(self, t: Transfer, priority: Priority) -> None:
+        t.priority = priority
+        if t.admit is not None and not t.admit.done():
+            t.admit.set_result(False)  # start now, outside the window
+
+    # --- admission to the background window -------------------------------------------------------
+    async def _acquire(self, priority: Priority, nbytes: int, fut: asyncio.Future | None = None) -> bool:
+        """Wait for room in the background window. True: admitted and counted. False: promoted."""
+        loop = asyncio.get_running_loop()
+        fut = fut or loop.create_future()
+        heapq.heappush(self._admission, (int(priority), next(self._seq), fut, nbytes))
+        self._pump_admission()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancel invariant: if we were admitted but cancelled before using it, give it back.
+            if fut.done() and not fut.cancelled() and fut.result():
+                self.window.on_complete(self.clock(), nbytes, 0.0, ok=False)
+                self._pump_admission()
+            else:
+                fut.cancel()
+            raise
+
+    def _pump_admission(self) -> None:
+        scale = self.options.fg_yield if self._fg_active else 1.0
+        now = self.clock()
+        while self._admission:
+            prio, _seq, fut, nbytes = self._admission[0]
+            if fut.done():
+                heapq.heappop(self._admission)
+                continue
+            if not self.window.can_start(nbytes, scale):
+                break
+            heapq.heappop(self._admission)
+            self.window.on_start(now, nbytes)
+            fut.set_result(True)
+
+    # --- one transfer ----------------------------------------------------------------------------
+    async def _run(self, t: Transfer) -> None:
+        b = t.blob
+        n = t.end - t.start
+        fg = False
+        try:
+            if t.priority != Priority.FOREGROUND and not t.counted:
+                t.admit = asyncio.get_running_loop().create_future()
+                t.counted = await self._acquire(t.priority, n, t.admit)
+            fg = not t.counted
+            if fg:
+                self._fg_active += 1
+                self.stats.fg_inflight += 1
+            if b.cache.is_present(t.start, t.end):
+                return
+            started = self.clock()
+            buf = bytearray(n)
+            await self.fetcher.read_range_into(b.url, t.start, memoryview(buf))
+            latency = self.clock() - started
+            await b.cache.write(t.start, buf, background=t.counted)
+            self.stats.bytes_fetched[t.priority] += n
+            self.stats.requests[t.priority] += 1
+            if t.counted:
+                self.window.on_complete(self.clock(), n, latency)
+                t.counted = False
+            else:
+                self.window.on_foreground(self.clock(), n, latency)
+                self.stats.observe_fg(latency)
+            if t.priority == Priority.FILL:
+                b.fill_errors = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.stats.failures[t.priority] += 1
+            log.info("%s [%d, %d) %s failed: %s", b.digest[:19], t.start, t.end, t.priority.name, e)
+            if t.priority == Priority.FILL:
+                self._fill_failed(b, e)
+            raise
+        finally:
+            b.remove(t)
+            if t.counted:
+                self.window.on_complete(self.clock(), n, 0.0, ok=False)
+            if fg:
+                self._fg_active -= 1
+                self.stats.fg_inflight -= 1
+            self._pump_admission()
+            self._fill_wake.set()
+
+    # --- background fill ---------------------------------------------------------------------------
+    def start_fill(self, source, delay: float | None = None, *, download=None) -> None:
+        """Fill `source`'s blob completely in the background, starting after `delay` seconds
+        (None: download.delay + random(0..delayExtra), as upstream; `download` is the image's
+        DownloadConfig, default the global one). Sync; returns at once. Does not look at
+        download.enable: the caller decides (see start_image_fill)."""
+        b = self._blob_of(source)
+        dl = download or self.download
+        b.try_cnt = max(1, dl.try_cnt)
+        if b.cache.verified or b.fill_state in (FillState.ACTIVE, FillState.DELAYED, FillState.DONE):
+            self._ensure_done_future(b)
+            if b.cache.verified and not b.fill_done.done():
+                b.fill_done.set_result(None)
+            return
+        if delay is None:
+            delay = float(dl.delay) + random.uniform(0, dl.delay_extra)
+        self._ensure_done_future(b)
+        b.fill_state = FillState.DELAYED
+        b.fill_attempts = 0
+        b.delay_task = asyncio.get_running_loop().create_task(self._delayed_fill(b, max(0.0, delay)))
+        self._tasks.add(b.delay_task)
+        b.delay_task.add_done_callback(self._tasks.discard)
+
+    def start_image_fill(self, image_config, sources) -> int:
+        """Upstream's rule: when the image's download.enable is set, fill every remote lower
+        that has a layer `dir` (it ends as <dir>/overlaybd.commit). Returns how many started."""
+        dl = image_config.download or self.download
+        if not dl.enable:
+            return 0
+        n = 0
+        for src in sources:
+            b = getattr(src, "blob", None)
+            if isinstance(b, RemoteBlob) and b.cache.commit_path:
+                self.start_fill(b, download=dl)
+                n += 1
+        return n
+
+    def _ensure_done_future(self, b: RemoteBlob) -> None:
+        if b.fill_done is None or (b.fill_done.done() and not b.cache.verified):
+            b.fill_done = asyncio.get_running_loop().create_future()
+            b.fill_done.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved"
+
+    async def _delayed_fill(self, b: RemoteBlob, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if b.fill_state is not FillState.DELAYED:
+            return
+        b.fill_state = FillState.ACTIVE
+        b.fill_cursor = 0
+        self._fill_order.append(b)
+        if self._filler is None or self._filler.done():
+            self._filler = asyncio.get_running_loop().create_task(self._fill_loop(), name="filler")
+        self._fill_wake.set()
+        log.info("%s: background fill started (%d bytes, %d present)", b.digest[:19], b.size, b.cache.present_bytes)
+
+    def stop_fill(self, source) -> None:
+        b = self._blob_of(source)
+        if b.delay_task is not None:
+            b.delay_task.cancel()
+            b.delay_task = None
+        if b.fill_state in (FillState.DELAYED, FillState.ACTIVE):
+            b.fill_state = FillState.IDLE
+        if b in self._fill_order:
+            self._fill_order.remove(b)
+
+    async def wait_filled(self, source) -> None:
+        """Wait until the blob is complete and verified. Raises the fill's error if it gave up."""
+        b = self._blob_of(source)
+        if b.cache.verified:
+            return
+        self._ensure_done_future(b)
+        await asyncio.shield(b.fill_done)
+
+    def _on_cache_event(self, b: RemoteBlob, event: str) -> None:
+        if event == "verified":
+            if b.fill_state is not FillState.IDLE:
+                b.fill_state = FillState.DONE
+            if b in self._fill_order:
+                self._fill_order.remove(b)
+            if b.fill_done is not None and not b.fill_done.done():
+                b.fill_done.set_result(None)
+            self._fill_wake.set()  # upstream mode: the next layer may start now
+        elif event == "mismatch":
+            b.fill_attempts += 1
+            b.fill_cursor = 0
+            tries = b.try_cnt
+            if b.fill_state is FillState.ACTIVE and b.fill_attempts >= tries:
+                self._give_up(b, DigestMismatch(f"{b.digest}: sha256 mismatch after {b.fill_attempts} downloads"))
+            self._fill_wake.set()
+
+    def _fill_failed(self, b: RemoteBlob, err: BaseException) -> None:
+        if self.clock() < b.fill_paused_until:
+            return  # a sibling request of the same failed round: already counted
+        b.fill_errors += 1
+        tries = b.try_cnt
+        status = getattr(err, "status", None)
+        permanent = isinstance(err, AuthError) or (status is not None and 400 <= status < 500 and status not in (408, 429))
+        # the registry client already retried transient errors; tryCnt rounds on top of that
+        if permanent or b.fill_errors >= tries:
+            self._give_up(b, err)
+            return
+        backoff = min(5.0, 0.05 * 2 ** min(b.fill_errors, 7))
+        b.fill_paused_until = self.clock() + backoff
+        asyncio.get_running_loop().call_later(backoff, self._fill_wake.set)
+
+    def _give_up(self, b: RemoteBlob, err: BaseException) -> None:
+        log.error("%s: background fill failed: %s", b.digest[:19], err)
+        b.fill_state = FillState.FAILED
+        b.fill_error = err
+        if b in self._fill_order:
+            self._fill_order.remove(b)
+        if b.fill_done is not None and not b.fill_done.done():
+            b.fill_done.set_exception(err)
+
+    def _next_fill_chunk(self) -> tuple[RemoteBlob, int, int] | None:
+        """Sync: the next missing, not-in-flight range of the first fill blob that has one."""
+        now = self.clock()
+        for b in self._fill_order:
+            if b.fill_state is not FillState.ACTIVE or b.fill_paused_until > now:
+                continue
+            if self.options.mode == "upstream" and b is not self._fill_order[0]:
+                break  # upstream downloads one layer at a time
+            for cursor in ((b.fill_cursor, 0) if b.fill_cursor else (0,)):
+                pos = cursor
+                while True:
+                    m = b.cache.first_missing(pos)
+                    if m is None:
+                        break
+                    over = b.overlapping(m, m + 1)
+                    if over:
+                        if over[0].end <= pos:
+                            break  # cannot happen (in-flight ranges are page aligned); never spin
+                        pos = over[0].end
+                        continue
+                    end = min(m + self.fill_chunk, b.size)
+                    nxt = b.next_inflight_start(m)
+                    if nxt is not None:
+                        end = min(end, nxt)
+                    runs = b.cache.missing_runs(m, end)
+                    end = runs[0][1] if runs else end
+                    b.fill_cursor = end
+                    return b, m, end
+        return None
+
+    async def _fill_loop(self) -> None:
+        while not self._closed:
+            pick = self._next_fill_chunk()
+            if pick is None:
+                self._fill_wake.clear()
+                await self._fill_wake.wait()
+                continue
+            b, s, e = pick
+            n = e - s
+            wait = self.bucket.reserve(n, self.clock())
+            if wait > 0:
+                await asyncio.sleep(wait)
+            admitted = await self._acquire(Priority.FILL, n)
+            # things moved while we waited: re-validate the range (no awaits from here on)
+            ok = (
+                admitted
+                and b.fill_state is FillState.ACTIVE
+                and not b.cache.verified
+                and not b.overlapping(s, e)
+                and b.cache.missing_runs(s, e)[:1] == [(s, e)]
+            )
+            if not ok:
+                if admitted:
+                    self.window.on_complete(self.clock(), n, 0.0, ok=False)
+                self.bucket.refund(n)
+                if b.fill_cursor == e:
+                    b.fill_cursor = s
+                self._pump_admission()
+                continue
+            self._launch(b, s, e, Priority.FILL, counted=True)
+
+    # --- progress -----------------------------------------------------------------------------------
+    @property
+    def inflight_bytes(self) -> int:
+        return sum(t.end - t.start for b in self._blobs.values() for t in b.inflight)
+
+    @property
+    def inflight_requests(self) -> int:
+        return sum(len(b.inflight) for b in self._blobs.values())
+
+    def blobs(self) -> list[RemoteBlob]:
+        return list(self._blobs.values())
+
+    # --- close ----------------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Stop the filler, cancel transfers, flush and close every blob (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in self._tasks]
+        if self._filler is not None:
+            tasks.append(self._filler)
+        for b in self._blobs.values():
+            tasks += [t.task for t in b.inflight if t.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for b in list(self._blobs.values()):
+            b.refs = 1
+            await self.release(b)
+        for owned in self._owned:
+            await owned.aclose()

@@ -1,0 +1,128 @@
+"""`tcmu-obd fetch` against the real docker-registry: complete + verified, upstream mode,
+and kill -9 mid-fill then resume without starting over."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tcmu_obd.cache import PresenceMap
+from tcmu_obd.cli import main
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.paths import FIXTURES_OBD, REPO_ROOT
+from tests.support.registry import push_blob, registry, wait_until  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.registry
+
+LAYERS = FIXTURES_OBD / "ext4-chain" / "layers"
+DONE = re.compile(r"^fetch: done blobs=(\d+) fetched_bytes=(\d+) requests=(\d+)", re.M)
+
+
+def _write_configs(tmp_path: Path, repo_blob_url: str, blobs: list[tuple[str, int]]):
+    gconf = tmp_path / "overlaybd.json"
+    gconf.write_text(json.dumps({
+        "cacheConfig": {"cacheType": "file", "cacheDir": str(tmp_path / "cache"), "cacheSizeGB": 1},
+        "credentialConfig": {"mode": "file", "path": str(tmp_path / "cred.json")},
+        "download": {"enable": False, "delay": 600, "maxMBps": 1},  # fetch ignores all three
+        "enableAudit": False,
+    }))
+    lowers = []
+    for i, (digest, size) in enumerate(blobs):
+        d = tmp_path / f"layer{i}"
+        d.mkdir(exist_ok=True)
+        lowers.append({"digest": digest, "size": size, "dir": str(d)})
+    conf = tmp_path / "config.v1.json"
+    conf.write_text(json.dumps({"repoBlobUrl": repo_blob_url, "lowers": lowers}))
+    return gconf, conf
+
+
+def test_fetch_fills_every_remote_lower(tmp_path, registry, capsys):  # noqa: F811
+    names = ["L1.lz4.zfile", "L2.lz4.zfile"]
+    blobs = [(push_blob(registry.url, "fetch/ok", LAYERS / n), (LAYERS / n).stat().st_size) for n in names]
+    gconf, conf = _write_configs(tmp_path, registry.repo_blob_url("fetch/ok"), blobs)
+    stats = tmp_path / "stats.json"
+    rc = main(["fetch", "--global-config", str(gconf), "--progress", "plain", "--stats-json", str(stats), str(conf)])
+    assert rc == 0
+    for i, n in enumerate(names):
+        assert (tmp_path / f"layer{i}" / "overlaybd.commit").read_bytes() == (LAYERS / n).read_bytes()
+        assert sorted(os.listdir(tmp_path / f"layer{i}")) == ["overlaybd.commit"]
+    m = DONE.search(capsys.readouterr().out)
+    assert m and int(m.group(1)) == 2 and int(m.group(2)) == sum(s for _, s in blobs)
+    assert json.loads(stats.read_text())["ok"] is True
+    # run again: everything is local now, nothing to do
+    assert main(["fetch", "--global-config", str(gconf), "--progress", "none", str(conf)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_fetch_upstream_mode_is_sequential_256k(tmp_path, registry):  # noqa: F811
+    p = LAYERS / "L1.lz4.zfile"
+    size = p.stat().st_size
+    blobs = [(push_blob(registry.url, "fetch/upstream", p), size)]
+    gconf, conf = _write_configs(tmp_path, registry.repo_blob_url("fetch/upstream"), blobs)
+    stats = tmp_path / "stats.json"
+    rc = main(["fetch", "--global-config", str(gconf), "--mode", "upstream", "--progress", "none",
+               "--stats-json", str(stats), str(conf)])
+    assert rc == 0
+    s = json.loads(stats.read_text())
+    assert s["requests"]["FILL"] == -(-size // (256 * 1024))
+    assert (tmp_path / "layer0" / "overlaybd.commit").read_bytes() == p.read_bytes()
+
+
+def test_fetch_fails_cleanly_on_a_missing_blob(tmp_path, registry, capsys):  # noqa: F811
+    gconf, conf = _write_configs(tmp_path, registry.repo_blob_url("fetch/missing"), [("sha256:" + "ab" * 32, 4096)])
+    rc = main(["fetch", "--global-config", str(gconf), "--progress", "none", str(conf)])
+    assert rc != 0
+    assert not (tmp_path / "layer0" / "overlaybd.commit").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "sigint"])
+def test_interrupted_mid_fill_then_resume(tmp_path, registry, sig):  # noqa: F811
+    size = 16 << 20
+    data = random.Random(42).randbytes(size)
+    digest = push_blob(registry.url, "fetch/kill", data)
+    with FaultProxy(registry.url) as proxy:
+        # slow every blob body down so the first run is surely mid-way when killed
+        slow = proxy.add(Fault(kind="slow", chunk=16 << 10, delay=0.02, times=-1, match="/blobs/"))
+        gconf, conf = _write_configs(tmp_path, f"{proxy.url}/v2/fetch/kill/blobs", [(digest, size)])
+        cmd = [sys.executable, "-m", "tcmu_obd.cli", "fetch", "--global-config", str(gconf), "--progress", "plain",
+               "--interval", "0.2", str(conf)]
+        first = subprocess.Popen(cmd + ["--mode", "fixed", "--concurrency", "2", "--chunk-size", "256K"],
+                                 cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        map_path = tmp_path / "layer0" / ".download.map"
+
+        def durable_bytes():
+            m = PresenceMap.load(str(map_path), size)
+            return m.present_bytes if m is not None else 0
+
+        try:
+            wait_until(lambda: durable_bytes() >= 2 << 20, 60, "2 MiB durably fetched")
+            os.kill(first.pid, sig)
+            first.wait(60)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+            first.stdout.close()
+        assert first.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
+        at_kill = durable_bytes()
+        assert 2 << 20 <= at_kill < size
+        assert not (tmp_path / "layer0" / "overlaybd.commit").exists()
+
+        proxy.clear()  # full speed for the second run
+        assert slow.hits > 0
+        out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = DONE.search(out.stdout)
+    assert m, out.stdout
+    fetched = int(m.group(2))
+    assert fetched <= size - at_kill  # resumed: what was durable was not fetched again
+    assert fetched < size
+    assert (tmp_path / "layer0" / "overlaybd.commit").read_bytes() == data

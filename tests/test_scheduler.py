@@ -1,0 +1,429 @@
+"""Scheduler unit tests against an in-process fake fetcher (fault injection and gating only:
+the real registry is exercised in test_scheduler_registry.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from dataclasses import replace
+
+import pytest
+
+from tcmu_obd.cache import CacheStore
+from tcmu_obd.config import DownloadConfig, GlobalConfig
+from tcmu_obd.errors import DigestMismatch, RemoteError
+from tcmu_obd.scheduler import FillState, Priority, Scheduler, SchedulerOptions
+
+KiB = 1024
+MiB = 1 << 20
+REFILL = 256 * KiB
+
+
+class Call:
+    def __init__(self, url, offset, length):
+        self.url, self.offset, self.length = url, offset, length
+        self.release = asyncio.Event()
+        self.cancelled = False
+        self.done = False
+
+    @property
+    def end(self):
+        return self.offset + self.length
+
+    def __repr__(self):
+        return f"<Call [{self.offset}, {self.end})>"
+
+
+class FakeFetcher:
+    """Serves blobs from memory. gated=True: every call waits for `call.release`.
+    `corrupt`/`fail` are per-call fault hooks (faults the real registry cannot produce)."""
+
+    def __init__(self, blobs: dict[str, bytes], gated=False):
+        self.blobs = blobs
+        self.gated = gated
+        self.calls: list[Call] = []
+        self.active = 0
+        self.max_active = 0
+        self.fail = lambda call: False
+        self.corrupt = lambda call: False
+        self._new_call = asyncio.Condition()
+
+    async def blob_size(self, url):
+        return len(self.blobs[url])
+
+    async def read_range_into(self, url, offset, buf):
+        call = Call(url, offset, len(buf))
+        self.calls.append(call)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        async with self._new_call:
+            self._new_call.notify_all()
+        try:
+            if self.gated:
+                await call.release.wait()
+            else:
+                await asyncio.sleep(0)
+            if self.fail(call):
+                raise RemoteError(f"injected failure at {offset}")
+            data = self.blobs[url][offset : offset + len(buf)]
+            assert len(data) == len(buf)
+            buf[:] = data
+            if self.corrupt(call):
+                buf[0] ^= 0xFF
+            call.done = True
+        except asyncio.CancelledError:
+            call.cancelled = True
+            raise
+        finally:
+            self.active -= 1
+
+    async def wait_calls(self, n):
+        """Wait until at least n calls were made (a real condition, no sleeps)."""
+        async with self._new_call:
+            await self._new_call.wait_for(lambda: len(self.calls) >= n)
+        return self.calls[n - 1]
+
+
+def make_blob(seed, size):
+    data = random.Random(seed).randbytes(size)
+    return data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def make_sched(tmp_path, fetcher, *, mode="fixed", concurrency=1, chunk=1 * MiB, **dl):
+    gc = GlobalConfig(download=replace(DownloadConfig(), delay=0, delay_extra=0, max_mbps=0, **dl))
+    store = CacheStore(str(tmp_path / "cache"), 0, REFILL, commit_interval=0.01)
+    opts = SchedulerOptions(mode=mode, fixed_concurrency=concurrency, fill_chunk=chunk)
+    return Scheduler(fetcher, store, gc, opts)
+
+
+@pytest.fixture
+def blob_a():
+    data, digest = make_blob(1, 8 * MiB + 1234)
+    return f"http://reg/v2/r/blobs/{digest}", data, digest
+
+
+async def test_foreground_overtakes_queued_fill(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data}, gated=True)
+    s = make_sched(tmp_path, f, concurrency=1)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    fill_call = await f.wait_calls(1)  # the window (1 request) is now full
+    assert fill_call.offset == 0
+    fg = asyncio.create_task(s.ensure(b, 6 * MiB + 10, 100, Priority.FOREGROUND))
+    fg_call = await f.wait_calls(2)
+    assert (fg_call.offset, fg_call.length) == (6 * MiB, REFILL)  # refillSize aligned
+    assert not fill_call.release.is_set()  # it did not wait for the fill
+    fg_call.release.set()
+    await fg
+    assert len(f.calls) == 2  # the filler did not get a second slot meanwhile
+    buf = bytearray(100)
+    await b.cache.read_into(6 * MiB + 10, memoryview(buf))
+    assert buf == data[6 * MiB + 10 : 6 * MiB + 110]
+    await s.aclose()
+
+
+async def test_prefetch_is_admitted_before_fill(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data}, gated=True)
+    s = make_sched(tmp_path, f, concurrency=1)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    first = await f.wait_calls(1)
+    pf = asyncio.create_task(s.ensure(b, 7 * MiB, 4 * KiB, Priority.PREFETCH))
+    await asyncio.sleep(0)  # let it queue (ordering only; nothing is timed)
+    assert len(f.calls) == 1  # queued behind the full window
+    first.release.set()
+    second = await f.wait_calls(2)
+    assert second.offset == 7 * MiB  # prefetch went before the next fill chunk
+    second.release.set()
+    await pf
+    await s.aclose()
+
+
+async def test_foreground_promotes_a_queued_prefetch(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data}, gated=True)
+    s = make_sched(tmp_path, f, concurrency=1)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await f.wait_calls(1)
+    pf = asyncio.create_task(s.ensure(b, 5 * MiB, 4 * KiB, Priority.PREFETCH))
+    await asyncio.sleep(0)
+    fg = asyncio.create_task(s.ensure(b, 5 * MiB, 4 * KiB, Priority.FOREGROUND))
+    call = await f.wait_calls(2)
+    assert call.offset == 5 * MiB
+    call.release.set()
+    await asyncio.gather(pf, fg)
+    assert len([c for c in f.calls if c.offset == 5 * MiB]) == 1
+    await s.aclose()
+
+
+async def test_identical_ranges_share_one_fetch_and_cancel_does_not_cancel_it(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data}, gated=True)
+    s = make_sched(tmp_path, f)
+    b = await s.open_remote(url, digest, len(data))
+    w1 = asyncio.create_task(s.ensure(b, MiB, 4 * KiB))
+    call = await f.wait_calls(1)
+    w2 = asyncio.create_task(s.ensure(b, MiB, 4 * KiB))
+    w3 = asyncio.create_task(s.ensure(b, MiB + 8 * KiB, 4 * KiB))  # same refill unit
+    await asyncio.sleep(0)
+    w1.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w1
+    call.release.set()
+    await asyncio.gather(w2, w3)
+    assert len(f.calls) == 1 and call.done and not call.cancelled
+    await s.aclose()
+
+
+async def test_foreground_waits_for_an_inflight_fill_chunk(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data}, gated=True)
+    s = make_sched(tmp_path, f, chunk=2 * MiB)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    fill = await f.wait_calls(1)
+    assert (fill.offset, fill.length) == (0, 2 * MiB)
+    fg = asyncio.create_task(s.ensure(b, MiB, 64 * KiB))
+    await asyncio.sleep(0)
+    assert len(f.calls) == 1  # no duplicate fetch
+    fill.release.set()
+    await fg
+    await s.aclose()
+
+
+async def test_misses_separated_by_a_small_gap_coalesce(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    s = make_sched(tmp_path, f)
+    b = await s.open_remote(url, digest, len(data))
+    await b.cache.write(REFILL, data[REFILL : 2 * REFILL])  # present gap of one refill unit
+    await s.ensure(b, 0, 3 * REFILL)
+    assert [(c.offset, c.length) for c in f.calls] == [(0, 3 * REFILL)]
+    await s.aclose()
+
+
+async def test_fill_completes_and_verifies(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    s = make_sched(tmp_path, f, mode="adaptive", chunk=MiB)
+    b = await s.open_remote(url, digest, len(data))
+    await s.ensure(b, 3 * MiB, 10)  # some foreground first
+    s.start_fill(b, delay=0)
+    await s.wait_filled(b)
+    assert b.cache.verified and b.fill_state is FillState.DONE
+    with open(b.cache.data_path, "rb") as fh:
+        assert fh.read() == data
+    assert sum(c.length for c in f.calls) == len(data)  # nothing fetched twice
+    assert s.stats.bytes_fetched[Priority.FILL] == len(data) - REFILL
+    await s.aclose()
+
+
+async def test_fill_retries_failed_chunks(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    failed = set()
+
+    def fail_once(call):
+        if call.offset not in failed and call.offset % (2 * MiB) == 0:
+            failed.add(call.offset)
+            return True
+        return False
+
+    f.fail = fail_once
+    s = make_sched(tmp_path, f, mode="fixed", concurrency=4, chunk=MiB)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await s.wait_filled(b)
+    assert failed and s.stats.failures[Priority.FILL] == len(failed)
+    await s.aclose()
+
+
+async def test_digest_mismatch_refetches_then_gives_up_after_try_cnt(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    corrupted = []
+
+    def corrupt_first_pass(call):
+        if call.offset == 2 * MiB and not corrupted:
+            corrupted.append(call)
+            return True
+        return False
+
+    f.corrupt = corrupt_first_pass
+    s = make_sched(tmp_path, f, chunk=MiB, try_cnt=2)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await s.wait_filled(b)
+    assert b.cache.mismatches == 1 and b.cache.verified
+    assert sum(c.length for c in f.calls) == 2 * len(data)  # whole blob refetched once
+    await s.aclose()
+
+    f2 = FakeFetcher({url: data})
+    f2.corrupt = lambda call: call.offset == 0
+    s2 = make_sched(tmp_path / "2", f2, chunk=MiB, try_cnt=2)
+    b2 = await s2.open_remote(url, digest, len(data))
+    s2.start_fill(b2, delay=0)
+    with pytest.raises(DigestMismatch):
+        await s2.wait_filled(b2)
+    assert b2.fill_state is FillState.FAILED and b2.cache.mismatches == 2
+    await s2.aclose()
+
+
+async def test_upstream_mode_is_sequential_block_size_one_in_flight(tmp_path):
+    data, digest = make_blob(7, 3 * MiB + 5)
+    data2, digest2 = make_blob(8, MiB)
+    urls = {f"http://reg/v2/r/blobs/{digest}": data, f"http://reg/v2/r/blobs/{digest2}": data2}
+    f = FakeFetcher(urls)
+    s = make_sched(tmp_path, f, mode="upstream")
+    blobs = [await s.open_remote(u, d, len(urls[u])) for u, d in zip(urls, (digest, digest2))]
+    for b in blobs:
+        s.start_fill(b, delay=0)
+    for b in blobs:
+        await s.wait_filled(b)
+    assert f.max_active == 1
+    sizes = {c.length for c in f.calls}
+    assert max(sizes) == 256 * KiB
+    order = [(c.url, c.offset) for c in f.calls]
+    assert order == sorted(order, key=lambda x: (list(urls).index(x[0]), x[1]))  # layer by layer, in order
+    await s.aclose()
+
+
+async def test_fixed_concurrency_cap(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data}, gated=True)
+    s = make_sched(tmp_path, f, concurrency=3, chunk=MiB)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    calls = [await f.wait_calls(i) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    assert len(f.calls) == 3 and f.active == 3
+    # a foreground read is not bound by the cap
+    fg = asyncio.create_task(s.ensure(b, 7 * MiB, 10))
+    fg_call = await f.wait_calls(4)
+    fg_call.release.set()
+    await fg
+    for c in calls:
+        c.release.set()
+    f.gated = False
+    for c in f.calls:
+        c.release.set()
+    await s.wait_filled(b)
+    assert f.max_active <= 4
+    await s.aclose()
+
+
+async def test_max_mbps_counts_fill_bytes_through_the_bucket(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    s = make_sched(tmp_path, f, mode="adaptive", chunk=MiB)
+    s.bucket.rate = 1 << 40  # effectively unlimited, but every fill byte is counted
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await s.wait_filled(b)
+    assert s.bucket.taken == len(data)
+    await s.aclose()
+
+
+async def test_start_fill_honours_delay(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    s = make_sched(tmp_path, f)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=3600)
+    await asyncio.sleep(0)
+    assert b.fill_state is FillState.DELAYED and f.calls == []
+    s.stop_fill(b)
+    assert b.fill_state is FillState.IDLE
+    await s.aclose()
+
+
+class OverlapCheckingFetcher(FakeFetcher):
+    """Yields a random number of times inside each call (no wall clock) and asserts that no
+    two calls for the same blob are ever in flight over the same bytes."""
+
+    def __init__(self, blobs, seed):
+        super().__init__(blobs)
+        self.rnd = random.Random(seed)
+        self.inflight: list[tuple[str, int, int]] = []
+
+    async def read_range_into(self, url, offset, buf):
+        end = offset + len(buf)
+        for u, a, b in self.inflight:
+            assert u != url or b <= offset or a >= end, f"[{offset}, {end}) fetched twice at once"
+        entry = (url, offset, end)
+        self.inflight.append(entry)
+        try:
+            for _ in range(self.rnd.randint(0, 30)):
+                await asyncio.sleep(0)
+            await super().read_range_into(url, offset, buf)
+        finally:
+            self.inflight.remove(entry)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_mix_of_reads_prefetch_fill_and_cancels(tmp_path, seed):
+    rnd = random.Random(seed)
+    data, digest = make_blob(seed, rnd.randint(1, 6) * MiB + rnd.randint(0, 9999))
+    url = f"http://reg/v2/r/blobs/{digest}"
+    f = OverlapCheckingFetcher({url: data}, seed)
+    s = make_sched(tmp_path, f, mode=rnd.choice(["adaptive", "fixed"]), concurrency=3, chunk=512 * KiB)
+    b = await s.open_remote(url, digest, len(data))
+
+    async def reader(i):
+        off = rnd.randrange(len(data))
+        n = min(rnd.randint(1, 300 * KiB), len(data) - off)
+        prio = rnd.choice([Priority.FOREGROUND, Priority.FOREGROUND, Priority.PREFETCH])
+        await s.ensure(b, off, n, prio)
+        buf = bytearray(n)
+        await b.cache.read_into(off, memoryview(buf))
+        assert buf == data[off : off + n]
+
+    if seed % 2:
+        s.start_fill(b, delay=0)
+    tasks = [asyncio.create_task(reader(i)) for i in range(40)]
+    for _ in range(rnd.randint(0, 50)):
+        await asyncio.sleep(0)
+    victims = rnd.sample(tasks, 10)
+    for t in victims:
+        t.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for t, r in zip(tasks, results):
+        assert r is None or (t in victims and isinstance(r, asyncio.CancelledError)), r
+    s.start_fill(b, delay=0)
+    await s.wait_filled(b)
+    with open(b.cache.path, "rb") as fh:
+        assert fh.read() == data
+    assert s.inflight_requests == 0 and s.window.inflight_bytes == 0 and s.window.inflight_requests == 0
+    await s.aclose()
+
+
+async def test_background_leaves_connections_for_foreground(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    f.max_connections = 64
+    s = make_sched(tmp_path, f, mode="adaptive")
+    assert s.window.max_requests == 56
+    await s.aclose()
+
+
+async def test_prometheus_collector_exposes_counters(tmp_path, blob_a):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tcmu_obd.scheduler.metrics import SchedulerCollector
+
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    s = make_sched(tmp_path, f)
+    b = await s.open_remote(url, digest, len(data))
+    await s.ensure(b, 0, 10)
+    reg = CollectorRegistry()
+    reg.register(SchedulerCollector(s))
+    text = generate_latest(reg).decode()
+    assert f'tcmu_obd_fetched_bytes_total{{priority="foreground"}} {float(REFILL)}' in text
+    assert 'tcmu_obd_foreground_fetch_seconds_count 1.0' in text
+    assert f'tcmu_obd_blob_present_bytes{{digest="{digest}"}} {float(REFILL)}' in text
+    await s.aclose()
