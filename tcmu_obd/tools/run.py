@@ -1,0 +1,91 @@
+"""`tcmu-obd run`: the TCMU daemon, drop-in for upstream's overlaybd-tcmu.
+
+    tcmu-obd run [--global-config PATH] [--ready-file PATH] [--read-timeout S]
+                 [--drain-timeout S] [--open-timeout S]
+
+Serves every TCMU device whose configfs control string is `dev_config=overlaybd/<config
+path>[;<dev_id>]` (see docs/tcmu.md). Prints one "tcmu-obd run: ready" line on stderr once
+serving (and writes --ready-file with the pid). SIGTERM/SIGINT: drain and exit; a second
+SIGINT aborts in-flight commands.
+Exit codes: 0 clean shutdown, 1 error while serving, 3 startup failed (e.g. the
+target_core_user kernel module is not loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from ..errors import ObdError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_STARTUP_FAILURE = 3
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run the TCMU daemon (serves overlaybd/<config> TCMU devices)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--global-config",
+        metavar="PATH",
+        default=None,
+        help="overlaybd.json (default /etc/overlaybd/overlaybd.json when present, else built-in defaults)",
+    )
+    p.add_argument("--ready-file", metavar="PATH", default=None, help="write the pid here once serving")
+    p.add_argument(
+        "--read-timeout",
+        metavar="S",
+        type=float,
+        default=20.0,
+        help="budget for a READ, retries included, before MEDIUM ERROR (default 20)",
+    )
+    p.add_argument(
+        "--write-timeout", metavar="S", type=float, default=20.0, help="bound on one write/flush/discard (default 20)"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="on removal/shutdown, wait this long for in-flight commands before aborting them (default 30)",
+    )
+    p.add_argument(
+        "--open-timeout", metavar="S", type=float, default=None, help="bound on opening an image (default: none)"
+    )
+    p.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from ..frontends.tcmu.commands import IoPolicy
+    from ..frontends.tcmu.daemon import Daemon, DaemonConfig, default_scheduler_factory
+
+    for opt in ("read_timeout", "write_timeout", "drain_timeout"):
+        if getattr(args, opt) <= 0:
+            print(f"tcmu-obd run: error: --{opt.replace('_', '-')} must be > 0", file=sys.stderr)
+            return EXIT_STARTUP_FAILURE
+    config = DaemonConfig(
+        global_config_path=args.global_config,
+        io_policy=IoPolicy(read_timeout=args.read_timeout, write_timeout=args.write_timeout),
+        drain_timeout=args.drain_timeout,
+        open_timeout=args.open_timeout,
+        ready_file=args.ready_file,
+    )
+    daemon = Daemon(config, scheduler_factory=default_scheduler_factory)
+    started = False
+
+    def on_ready(d: Daemon) -> None:
+        nonlocal started
+        started = True
+        print(f"tcmu-obd run: ready ({len(d.devices)} device(s) attached)", file=sys.stderr, flush=True)
+
+    try:
+        return asyncio.run(daemon.serve(on_ready=on_ready))
+    except ObdError as exc:
+        print(f"tcmu-obd run: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR if started else EXIT_STARTUP_FAILURE
