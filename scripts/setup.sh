@@ -9,8 +9,8 @@ APT_PACKAGES="
   libtcmu2 tcmu-runner
   docker-registry apache2-utils skopeo
   qemu-system-x86 qemu-utils nbdkit libnbd-bin
-  e2fsprogs busybox-static cpio kmod bc open-iscsi
-  iproute2 zstd
+  e2fsprogs busybox-static cpio kmod bc open-iscsi fio udev
+  iproute2 zstd liblz4-1
 "
 missing=""
 for p in $APT_PACKAGES; do
