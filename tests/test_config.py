@@ -179,3 +179,10 @@ async def test_lower_resolution_order(tmp_path, present, expect):
         assert await image_sha256(image) == P12_SHA  # P2 on top of P1 only when the winner was picked
     finally:
         await image.aclose()
+
+
+@pytest.mark.parametrize("lower", [{"file": str(P1), "targetFile": "layer.tar"},
+                                   {"file": str(P1), "targetDigest": "sha256:" + "d" * 64}])
+async def test_turbo_oci_layers_are_refused_by_name(tmp_path, lower):
+    with pytest.raises(ConfigError, match="TurboOCI"):
+        await open_image(write(tmp_path / "c.json", {"lowers": [lower]}))

@@ -259,6 +259,12 @@ class Image:
 
 
 async def _open_lower(index: int, lower, cfg: ImageConfig, scheduler) -> CommittedLayer:
+    if lower.target_file or lower.target_digest or lower.gzip_index:
+        # A TurboOCI meta layer maps into the original OCI tar through tag 1; read as a plain
+        # layer it would return wrong data silently, so refuse it by name.
+        raise ConfigError(
+            f"failed to open layer {index}: TurboOCI layers (targetFile/targetDigest/gzipIndex) are not supported"
+        )
     for path in local_layer_candidates(lower):
         if os.path.exists(path):
             try:
@@ -336,6 +342,8 @@ async def _open_image(cfg: ImageConfig, global_config: GlobalConfig, scheduler, 
             raise _name_layer(err, i) from err
         raise err
     upper = None
+    if cfg.upper.target or cfg.upper.gzip_index:
+        raise ConfigError(f"{cfg.source}: TurboOCI writable layers (upper.target/gzipIndex) are not supported")
     if cfg.upper.enabled:
         from .writable import WritableLayer
 
