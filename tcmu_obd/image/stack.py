@@ -70,6 +70,9 @@ class Image:
         self.read_only = read_only or upper is None
         self._write_lock = asyncio.Lock()
         self._closed = False
+        self._background: set[asyncio.Task] = set()  # trace replay / record watcher
+        self._recorder = None
+        self.trace_replay: asyncio.Task | None = None  # done when a replayed trace is prefetched
 
     @property
     def blob_sources(self) -> list[BlobSource]:
@@ -232,10 +235,50 @@ class Image:
         except OSError as e:
             raise ImageIOError(f"flush of upper layer: {e.strerror}", e.errno or 5) from e
 
+    # ------------------------------------------------------------------ trace prefetch
+
+    def start_trace(self, cfg: ImageConfig, global_config: GlobalConfig, scheduler) -> str | None:
+        """Upstream's trace modes (§7): record every lower read into an empty recordTracePath
+        (until `<trace>.lock` is deleted or the image closes), or replay a recorded trace at
+        prefetch priority. Returns "record", "replay" or None."""
+        from ..scheduler.prefetch import RecordingSource, TraceRecorder, load_trace, replay_trace, trace_mode
+
+        mode, path = trace_mode(cfg)
+        if mode == "record":
+            self._recorder = TraceRecorder(path)
+            for i, layer in enumerate(self.lowers):
+                layer.source = RecordingSource(layer.source, i, self._recorder)
+            self._spawn(self._watch_trace_lock())
+        elif mode == "replay" and scheduler is not None:
+            records = load_trace(path)
+            if records:
+                sources = [layer.source for layer in self.lowers]
+                self.trace_replay = self._spawn(
+                    replay_trace(records, sources, global_config.prefetch_config.concurrency))
+        return mode
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _watch_trace_lock(self) -> None:
+        # Upstream's protocol: whoever asked for the trace deletes <trace>.lock to end it.
+        while not self._recorder.lock_removed:
+            await asyncio.sleep(1.0)
+        await asyncio.get_running_loop().run_in_executor(None, self._recorder.stop)
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._recorder is not None:
+            self._recorder.stop()
         try:
             if self.upper is not None:
                 if not self.read_only:
@@ -318,7 +361,8 @@ async def open_image(
         write_result_file(cfg, e)
         raise ImageIOError(f"{config_path}: {e}", e.errno or 5) from e
     write_result_file(cfg, None)
-    if scheduler is not None and background_fill:
+    trace = image.start_trace(cfg, global_config, scheduler) if background_fill else None
+    if scheduler is not None and background_fill and trace != "record":  # upstream: no fill while recording
         scheduler.start_image_fill(cfg, image.blob_sources)
     return image
 
