@@ -427,3 +427,153 @@ async def test_prometheus_collector_exposes_counters(tmp_path, blob_a):
     assert 'tcmu_obd_foreground_fetch_seconds_count 1.0' in text
     assert f'tcmu_obd_blob_present_bytes{{digest="{digest}"}} {float(REFILL)}' in text
     await s.aclose()
+
+
+# --- progressive transfers: a reader inside a slow background transfer -------------------------
+
+
+class SteppedFetcher(FakeFetcher):
+    """A fetcher that reports body progress (like RegistryClient.read_range_into(progress=)).
+    Each call delivers its body in steps the test releases: `await call.steps.put(n)` makes
+    the first n bytes arrive (None: the rest). `run_free()`: every call from now on (and
+    every pending one) delivers at once."""
+
+    free = False
+
+    def run_free(self):
+        self.free = True
+        for c in self.calls:
+            c.steps.put_nowait(None)
+
+    async def read_range_into(self, url, offset, buf, *, progress=None):
+        call = Call(url, offset, len(buf))
+        call.steps = asyncio.Queue()
+        if self.free:
+            call.steps.put_nowait(None)
+        self.calls.append(call)
+        async with self._new_call:
+            self._new_call.notify_all()
+        data = self.blobs[url][offset : offset + len(buf)]
+        pos = 0
+        try:
+            while pos < len(buf):
+                n = await call.steps.get()
+                n = len(buf) if n is None else min(n, len(buf))
+                buf[pos:n] = data[pos:n]
+                pos = max(pos, n)
+                if progress is not None:
+                    progress(pos)
+            call.done = True
+        except asyncio.CancelledError:
+            call.cancelled = True
+            raise
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+async def until(cond, spins=10000):
+    """Yield to the loop until cond() holds (bounded: a hang becomes a failure)."""
+    for _ in range(spins):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+async def _read(b, off, n):
+    buf = bytearray(n)
+    await b.cache.read_into(off, memoryview(buf))
+    return bytes(buf)
+
+
+async def test_reader_inside_a_slow_fill_transfer_wakes_when_its_bytes_arrive(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = SteppedFetcher({url: data})
+    s = make_sched(tmp_path, f, chunk=4 * MiB)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    fill = await f.wait_calls(1)
+    assert (fill.offset, fill.length) == (0, 4 * MiB)
+    await fill.steps.put(MiB + 5000)  # the first MiB (and a bit) is here, 3 MiB still on the wire
+    await s.ensure(b, 300 * KiB, 4 * KiB)  # a device read inside the arrived part
+    assert await _read(b, 300 * KiB, 4 * KiB) == data[300 * KiB : 304 * KiB]
+    assert len(f.calls) == 1 and not fill.done  # no second GET, and it did not wait for the rest
+    # a reader further in waits (no second fetch: no estimate says a fresh GET would be faster)
+    later = asyncio.create_task(s.ensure(b, 3 * MiB, 4 * KiB))
+    await fill.steps.put(3 * MiB + 64 * KiB)
+    await later
+    assert len(f.calls) == 1 and not fill.done
+    t = b.inflight[0]
+    await fill.steps.put(None)
+    await t.task  # the transfer finishes on its own
+    assert b.cache.is_present(0, 4 * MiB)
+    assert await _read(b, 0, 4 * MiB) == data[: 4 * MiB]
+    await s.aclose()
+
+
+async def test_foreground_overlaps_a_stalled_fill_transfer_and_keeps_it(tmp_path, blob_a):
+    """A fresh GET is issued when the background transfer would deliver the reader's bytes
+    later than a fresh request takes; the fill transfer is not cancelled, and a second reader
+    of the same range shares the foreground GET."""
+    url, data, digest = blob_a
+    f = SteppedFetcher({url: data})
+    s = make_sched(tmp_path, f, chunk=2 * MiB)
+    clock = FakeClock()
+    s.clock = clock
+    b = await s.open_remote(url, digest, len(data))
+    # one foreground GET first: a fresh request takes 0.3 s here
+    warm = asyncio.create_task(s.ensure(b, 7 * MiB, 4 * KiB))
+    c0 = await f.wait_calls(1)
+    clock.t += 0.3
+    await c0.steps.put(None)
+    await warm
+    s.start_fill(b, delay=0)
+    fill = await f.wait_calls(2)
+    assert (fill.offset, fill.length) == (0, 2 * MiB)
+    t = b.inflight[0]
+    await fill.steps.put(256 * KiB)  # first bytes arrive...
+    await until(lambda: t.received == 256 * KiB)
+    clock.t += 2.0  # ...then it crawls: 256 KiB in 2 s, the reader's byte is ~1 MiB further
+    r1 = asyncio.create_task(s.ensure(b, MiB + 10, 100))
+    own = await f.wait_calls(3)
+    assert (own.offset, own.length) == (MiB, REFILL)  # its own refill-sized GET
+    r2 = asyncio.create_task(s.ensure(b, MiB + 4 * KiB, 100))  # same range: shares it
+    await asyncio.sleep(0)
+    assert len(f.calls) == 3
+    await own.steps.put(None)
+    await asyncio.gather(r1, r2)
+    assert await _read(b, MiB, 8 * KiB) == data[MiB : MiB + 8 * KiB]
+    assert not fill.done and not fill.cancelled and s.overlays == 1
+    r1.cancel()  # (done already) a waiter's cancel never touches the shared transfers
+    f.run_free()
+    await s.wait_filled(b)
+    with open(b.cache.path, "rb") as fh:
+        assert fh.read() == data
+    assert fill.done and not fill.cancelled
+    await s.aclose()
+
+
+async def test_a_waiters_cancel_never_cancels_a_progressive_transfer(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = SteppedFetcher({url: data})
+    s = make_sched(tmp_path, f, chunk=2 * MiB)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    fill = await f.wait_calls(1)
+    w1 = asyncio.create_task(s.ensure(b, MiB, 4 * KiB))
+    w2 = asyncio.create_task(s.ensure(b, MiB, 4 * KiB))
+    await asyncio.sleep(0)
+    w1.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w1
+    await fill.steps.put(MiB + 4 * KiB)
+    await w2
+    assert not fill.cancelled and len(f.calls) == 1
+    await fill.steps.put(None)
+    await s.aclose()

@@ -21,9 +21,15 @@ MiB = 1 << 20
 
 
 class LinkSim:
-    def __init__(self, window, *, capacity=50 * MB, rtt=0.2, stream_cap=17 * MB, chunk=2 * MiB, dt=0.002):
+    def __init__(self, window, *, capacity=50 * MB, rtt=0.2, stream_cap=17 * MB, chunk=2 * MiB, dt=0.002,
+                 follow_chunk=False):
+        # follow_chunk: requests are window.chunk bytes (auto_chunk) and completions report
+        # their time to first byte, as the scheduler does with a progressive fetcher
         self.w, self.capacity, self.rtt, self.stream_cap, self.chunk, self.dt = (
             window, capacity, rtt, stream_cap, chunk, dt)
+        self.follow = follow_chunk
+        self.scale = 1.0  # the scheduler's fg_yield: admit against window × scale
+        self.sizes: list[tuple[float, int]] = []
         self.t = 0.0
         self.active: list[list[float]] = []  # [sent_at, bytes_left, first byte after]
         self.done: list[tuple[float, float]] = []  # (t, latency)
@@ -34,9 +40,11 @@ class LinkSim:
     def run(self, until, fg_every=None):
         fg_next = fg_every
         while self.t < until:
-            while self.w.can_start(self.chunk):
-                self.w.on_start(self.t, self.chunk)
-                self.active.append([self.t, float(self.chunk), self.rtt * self.rnd.uniform(0.95, 1.15)])
+            while self.w.can_start(self.w.chunk if self.follow else self.chunk, self.scale):
+                size = self.w.chunk if self.follow else self.chunk
+                self.w.on_start(self.t, size)
+                self.sizes.append((self.t, size))
+                self.active.append([self.t, float(size), self.rtt * self.rnd.uniform(0.95, 1.15), size])
             flowing = [r for r in self.active if self.t - r[0] >= r[2]]
             if flowing:
                 share = min(self.stream_cap, self.capacity / len(flowing)) * self.dt
@@ -45,9 +53,12 @@ class LinkSim:
             for r in [r for r in self.active if r[1] <= 0]:
                 self.active.remove(r)
                 lat = self.t - r[0]
-                self.w.on_complete(self.t, self.chunk, lat)
+                if self.follow:
+                    self.w.on_complete(self.t, r[3], lat, ttfb=r[2])
+                else:
+                    self.w.on_complete(self.t, r[3], lat)
                 self.done.append((self.t, lat))
-                self.delivered.append((self.t, self.chunk))
+                self.delivered.append((self.t, r[3]))
             if fg_next is not None and self.t >= fg_next:
                 # a small foreground request: one RTT plus its share of the link
                 n = len(flowing) + 1
@@ -168,3 +179,80 @@ def test_adaptive_beats_upstream_pattern_by_far_on_a_long_link():
     ad.run(20.0)
     assert up.rate(5, 20) < 0.03 * 50 * MB  # ~1-2 % of the link, as measured on the rig
     assert ad.rate(5, 20) > 25 * up.rate(5, 20)
+
+
+# --- link-sized requests (auto_chunk) ----------------------------------------------------------
+
+
+def _auto(**kw):
+    return AdaptiveWindow(1 * MiB, auto_chunk=True, **kw)
+
+
+def test_auto_chunk_starts_small_and_settles_near_the_bdp_on_a_slow_link():
+    """The demo's link: 6.25 MB/s, 200 ms (BDP 1.25 MB). 4 MiB requests and a 2 × 4 MiB
+    minimum window were ~30 × the BDP; now requests are ~1 BDP and few are in flight."""
+    w = _auto()
+    assert w.window_bytes == 8 * MiB and w.min_bytes == 1 * MiB  # 8 × 1 MiB at first
+    sim = LinkSim(w, capacity=6.25 * MB, rtt=0.2, stream_cap=100 * MB, follow_chunk=True)
+    sim.run(40.0)
+    assert w.state is WindowState.STEADY
+    assert w.chunk == 1 * MiB  # 2^round(log2(6.25 MB × 0.2 s))
+    assert w.min_bytes == w.chunk  # a fraction of the BDP, not 2 × 4 MiB
+    assert sim.rate(20, 40) >= 0.85 * 6.25 * MB
+    # bytes in flight stay around 3 BDP (3-4 requests), so a foreground request shares the
+    # link with a few flows (the old 4 MiB requests never went below 8 MiB: 6.7 BDP, and the
+    # demo ran at 38 MiB)
+    late = [n for t, n in sim.windows if t >= 20]
+    assert sum(late) / len(late) <= 3.25 * 1.25 * MB and max(late) <= 5 * 1.25 * MB
+    assert sim.latency(20, 40) <= 0.2 + 4 * 1.25 * MB / (6.25 * MB)
+
+
+def test_auto_chunk_grows_requests_on_a_fat_link_and_fills_it():
+    """The rig's link: 50 MB/s, 200 ms, ~12-17 MB/s per stream: requests grow to 4 MiB."""
+    w = _auto()
+    sim = LinkSim(w, capacity=50 * MB, rtt=0.2, stream_cap=17 * MB, follow_chunk=True)
+    sim.run(40.0)
+    assert w.chunk == 4 * MiB
+    assert sim.rate(15, 40) >= 0.85 * 50 * MB
+    assert [s for t, s in sim.sizes[:8]] == [1 * MiB] * 8  # it started with 1 MiB requests
+
+
+def test_auto_chunk_follows_a_capacity_change_with_hysteresis():
+    w = _auto()
+    sim = LinkSim(w, capacity=50 * MB, rtt=0.2, stream_cap=17 * MB, follow_chunk=True)
+    sim.run(30.0)
+    assert w.chunk == 4 * MiB
+    changes = w.chunk_changes
+    sim.run(45.0)
+    assert w.chunk_changes == changes  # stable while the link is
+    sim.capacity = 6.25 * MB  # the path narrows 8×: requests shrink (BDP ≈ 1.25 MB)
+    sim.run(120.0)
+    assert w.chunk <= 2 * MiB  # (1.25 MB wanted: within 2× of 2 MiB, so hysteresis keeps it)
+    assert sim.rate(100, 120) >= 0.75 * 6.25 * MB
+
+
+def test_time_to_first_byte_is_the_rtt_estimate():
+    w = _auto()
+    w.on_start(0.0, MiB)
+    w.on_complete(0.5, MiB, 0.5, ttfb=0.21)
+    w.on_start(0.5, MiB)
+    w.on_complete(1.0, MiB, 0.5, ttfb=0.35)  # a queued sample does not raise the floor
+    assert w.rtt == pytest.approx(0.21)
+
+
+def test_yielding_to_foreground_does_not_ratchet_the_window_down():
+    """While device reads run the scheduler admits against half the window (fg_yield); the
+    rate measured meanwhile must not be taken for the path's, or a steady stream of device
+    reads shrinks the window round after round (seen on the rig: 36 → 25 MB/s)."""
+    w = _auto()
+    sim = LinkSim(w, capacity=50 * MB, rtt=0.2, stream_cap=17 * MB, follow_chunk=True)
+    sim.run(20.0)
+    before = w.window_bytes
+    sim.scale = 0.5
+    w.set_scale(sim.t, 0.5)
+    sim.run(60.0)
+    assert w.window_bytes >= 0.8 * before
+    sim.scale = 1.0
+    w.set_scale(sim.t, 1.0)
+    sim.run(80.0)
+    assert sim.rate(70, 80) >= 0.85 * 50 * MB

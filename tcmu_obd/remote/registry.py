@@ -185,6 +185,22 @@ async def _drain_small(resp: aiohttp.ClientResponse, limit: int = 65536) -> None
             resp.close()
 
 
+def _monotonic(progress):
+    """Wrap a progress callback so it only ever sees growing values (an endpoint fallback
+    starts the buffer again from 0, rewriting bytes that were already final: same blob)."""
+    if progress is None:
+        return None
+    best = 0
+
+    def report(n: int) -> None:
+        nonlocal best
+        if n > best:
+            best = n
+            progress(n)
+
+    return report
+
+
 def _rebase(url: str, base: str) -> str:
     u = urllib.parse.urlsplit(url)
     b = urllib.parse.urlsplit(base)
@@ -296,8 +312,14 @@ class RegistryClient:
         await self.read_range_into(blob_url, offset, memoryview(buf))
         return bytes(buf)
 
-    async def read_range_into(self, blob_url: str, offset: int, buf: memoryview) -> None:
-        """Fill all of `buf` with the blob bytes at `offset` (same errors as read_range)."""
+    async def read_range_into(self, blob_url: str, offset: int, buf: memoryview, *, progress=None) -> None:
+        """Fill all of `buf` with the blob bytes at `offset` (same errors as read_range).
+
+        `progress`: optional sync callable ``progress(n)``, called as the body arrives with
+        the number of bytes at the start of `buf` that are final (non-decreasing, ends with
+        len(buf) on success). It lets the caller use a prefix before the whole range is in
+        (the scheduler publishes it to the cache); it must not raise or block.
+        """
         if not isinstance(buf, memoryview):
             buf = memoryview(buf)
         if buf.readonly:
@@ -308,7 +330,7 @@ class RegistryClient:
             raise ValueError(f"negative offset {offset}")
         if len(buf) == 0:
             return
-        await self._read(blob_url, offset, buf)
+        await self._read(blob_url, offset, buf, progress=_monotonic(progress))
 
     def open_blob(self, blob_url: str, size: int, name: str | None = None) -> "RemoteBlob":
         """A BlobSource over one blob (the size must be known: manifest / config / blob_size())."""
@@ -332,12 +354,13 @@ class RegistryClient:
         out.append((blob_url, None, None))
         return out
 
-    async def _read(self, blob_url: str, offset: int, buf: memoryview, want_size: bool = False) -> int:
+    async def _read(self, blob_url: str, offset: int, buf: memoryview, want_size: bool = False,
+                    progress=None) -> int:
         try:
             eps = self._endpoints(blob_url)
             for i, (url, via, key) in enumerate(eps):
                 try:
-                    return await self._fetch(url, offset, buf, via=via)
+                    return await self._fetch(url, offset, buf, via=via, on_progress=progress)
                 except RangeNotSatisfiable:
                     raise
                 except RemoteError as e:
@@ -352,8 +375,9 @@ class RegistryClient:
             raise
 
     # ----------------------------------------------------------------------------- one read
-    async def _fetch(self, url: str, offset: int, buf: memoryview, via: str | None = None) -> int:
-        """Fill buf from `url` (one endpoint); returns the blob size from Content-Range."""
+    async def _fetch(self, url: str, offset: int, buf: memoryview, via: str | None = None, on_progress=None) -> int:
+        """Fill buf from `url` (one endpoint); returns the blob size from Content-Range.
+        `on_progress(pos)`: buf[:pos] is final (see read_range_into)."""
         n = len(buf)
         last = offset + n - 1
         pos = 0
@@ -399,6 +423,8 @@ class RegistryClient:
                                 pos += k
                                 got += k
                                 self.stats.bytes += k
+                                if on_progress is not None:
+                                    on_progress(pos)
                         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                             raise _Retry(f"body of bytes={start}-{last} broke after {got} bytes: {e!r}",
                                          progress=got > 0) from e
@@ -407,7 +433,10 @@ class RegistryClient:
                                          progress=got > 0)
                         return total
                     if status == 200:
-                        return await self._ignored_range(resp, url, offset, buf, pos)
+                        size = await self._ignored_range(resp, url, offset, buf, pos)
+                        if on_progress is not None:
+                            on_progress(n)
+                        return size
                     if status in _REDIRECTS:
                         where = resp.headers.get("Location")
                         if not where:

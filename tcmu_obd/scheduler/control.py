@@ -37,6 +37,22 @@ States:
   (back off when latency inflates). A falling capacity decays out of the 5-round max. The
   bottleneck queue so stays around (gain − 1) × BDP.
 
+Link-sized requests (`auto_chunk`, the scheduler's default): requests start at 1 MiB (8 in
+flight) and the request size is then chosen from the link: the power of two nearest to
+rate × RTT (RTT = the minimum time to first byte the scheduler reports, else the chunk
+floor), within [min_chunk, max_chunk]; at the end of STARTUP, and in STEADY when the wanted
+size has been off by 2× for 3 rounds (each change goes through PROBE_LATENCY, since the floor
+depends on the size). `min_bytes` is then one request, and STEADY adds one request of slack
+to gain × BDP (with a handful of requests in flight, each completion leaves a one-RTT hole).
+So on a 6.25 MB/s, 200 ms link requests are 1 MiB and ~3 BDP (4 requests) are in flight; on
+50 MB/s they are 4 MiB (the cap).
+
+Scaled admission: the scheduler admits against window × `fg_yield` while device reads run
+and says so (`set_scale`). A round whose requests did not queue (median ≤ `high` × floor)
+under a scaled window credits the rate the whole window would have had (≤ 2×), so window ×
+scale, not the window, ends up sized to the path; otherwise a steady stream of device reads
+shrinks the window round after round.
+
 Bounds: `min_bytes` ≤ window ≤ `max_bytes`, requests ≤ `max_requests`. Foreground requests
 are outside the window (they always start at once) but are a signal too: one slower than
 `fg_high` × the best foreground latency (and ≥ 50 ms more) means the background queues in
@@ -48,6 +64,7 @@ FixedWindow is the non-adaptive version (benchmarks, and `--mode upstream`: one 
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 
 
@@ -80,7 +97,8 @@ class FixedWindow:
         self.inflight_bytes += nbytes
         self.inflight_requests += 1
 
-    def on_complete(self, now: float, nbytes: int, latency: float, ok: bool = True) -> None:
+    def on_complete(self, now: float, nbytes: int, latency: float, ok: bool = True,
+                    ttfb: float | None = None) -> None:
         self.inflight_bytes -= nbytes
         self.inflight_requests -= 1
 
@@ -89,6 +107,11 @@ class FixedWindow:
 
     def __repr__(self) -> str:
         return f"<FixedWindow {self.inflight_requests}/{self.max_requests} req>"
+
+
+def _pow2_near(x: float) -> int:
+    """The power of two nearest to x (in log scale)."""
+    return 1 << max(0, round(math.log2(x))) if x >= 1 else 1
 
 
 class AdaptiveWindow(FixedWindow):
@@ -105,15 +128,37 @@ class AdaptiveWindow(FixedWindow):
         fg_high: float = 3.0,
         base_window_s: float = 30.0,
         min_round_s: float = 0.02,
+        auto_chunk: bool = False,
+        min_chunk: int = 256 << 10,
+        max_chunk: int = 4 << 20,
+        chunk_bdp_fraction: float = 1.0,
     ):
+        # auto_chunk: the request size (`chunk`, read by the filler before each request)
+        # follows the link: a power of two near `chunk_bdp_fraction` × rate × RTT, in
+        # [min_chunk, max_chunk]; RTT is the minimum time to first byte when the caller
+        # reports it (on_complete(ttfb=...)), else the chunk latency floor.
+        self.auto_chunk = auto_chunk
+        self.min_chunk, self.max_chunk = min_chunk, max(min_chunk, max_chunk)
+        self.chunk_bdp_fraction = chunk_bdp_fraction
+        self.chunk_changes = 0
+        self._chunk_votes = 0
+        self._rtt: float | None = None  # minimum time to first byte seen
+        self._rtt_stamp = 0.0
         self.chunk = chunk_bytes
-        self.min_bytes = min_bytes if min_bytes is not None else 2 * chunk_bytes
+        self._scales: deque[tuple[float, float]] = deque()  # (since, scale) of the window
+        self._rate_span = 1.0
+        self._explicit_min = min_bytes
+        self.min_bytes = self._min_for(chunk_bytes)
         super().__init__(max_requests, initial_bytes if initial_bytes is not None else 8 * chunk_bytes)
         self.max_bytes = max_bytes
         self.window_bytes = min(max(self.window_bytes, self.min_bytes), max_bytes)
         self.gain, self.high, self.fg_high = gain, high, fg_high
         self._gain = gain
         self.min_gain, self.max_gain = min(1.25, gain), max(3.0, gain)
+        if auto_chunk:
+            # link-sized requests are few and large: hold at least 1.5 × BDP (the rig lost
+            # ~15 % of its rate at 1.25, where the failed gain probes of noisy rounds leave it)
+            self.min_gain = max(self.min_gain, min(1.5, gain))
         self.probe_every, self.probe_rounds = 6, 2
         self._probe_left = 0
         self._probe_from_rate = 0.0
@@ -155,6 +200,44 @@ class AdaptiveWindow(FixedWindow):
     def _clamp(self, w: float) -> None:
         self.window_bytes = int(min(self.max_bytes, max(self.min_bytes, w)))
 
+    def _slack(self) -> int:
+        # auto_chunk: one request of slack on top of gain × BDP. With a few large requests
+        # (a slow link) the window is only a handful of requests, and each one that completes
+        # leaves a hole of one RTT before its successor's first byte; without the slack the
+        # pipe runs dry at times and the rate estimate (hence the window) ratchets down.
+        return self.chunk if self.auto_chunk else 0
+
+    def _min_for(self, chunk: int) -> int:
+        if self._explicit_min is not None:
+            return self._explicit_min
+        # auto: one request (a fraction of the BDP, by the chunk rule); fixed chunk: 2 as before
+        return chunk if self.auto_chunk else 2 * chunk
+
+    @property
+    def rtt(self) -> float | None:
+        """Round-trip estimate: min time to first byte (or the chunk latency floor)."""
+        return self._rtt if self._rtt is not None else self._base
+
+    def _chunk_want(self) -> float | None:
+        rtt = self.rtt
+        if not self.max_rate or rtt is None:
+            return None
+        return self.max_rate * rtt * self.chunk_bdp_fraction
+
+    def chunk_target(self) -> int:
+        """The request size the link justifies now (auto_chunk), see __init__."""
+        want = self._chunk_want()
+        if want is None:
+            return self.chunk
+        return int(min(self.max_chunk, max(self.min_chunk, _pow2_near(want))))
+
+    def _set_chunk(self, chunk: int) -> None:
+        if chunk != self.chunk:
+            self.chunk = chunk
+            self.chunk_changes += 1
+            self.min_bytes = self._min_for(chunk)
+        self._chunk_votes = 0
+
     # --- events ---------------------------------------------------------------------------------
     def on_start(self, now: float, nbytes: int) -> None:
         if self._round_start is None:
@@ -163,10 +246,14 @@ class AdaptiveWindow(FixedWindow):
             self._first_start = now
         super().on_start(now, nbytes)
 
-    def on_complete(self, now: float, nbytes: int, latency: float, ok: bool = True) -> None:
+    def on_complete(self, now: float, nbytes: int, latency: float, ok: bool = True,
+                    ttfb: float | None = None) -> None:
         super().on_complete(now, nbytes, latency, ok)
         if not ok:
             return
+        if ttfb is not None and ttfb > 0:
+            if self._rtt is None or ttfb <= self._rtt or now - self._rtt_stamp > self.base_window_s:
+                self._rtt, self._rtt_stamp = ttfb, now
         self._deliv.append((now, nbytes))
         if nbytes >= self.chunk // 2:
             self._round_lat.append(latency)
@@ -176,7 +263,7 @@ class AdaptiveWindow(FixedWindow):
                     self._base, self._base_stamp = latency, now
                     self.state = WindowState.STEADY
                     if self._saved_window is None:  # end of STARTUP
-                        self._clamp(self.max_rate * latency * self._gain)
+                        self._clamp(self.max_rate * latency * self._gain + self._slack())
                     else:
                         self._clamp(self._saved_window)
                     self._round_start, self._round_lat = now, []
@@ -216,6 +303,29 @@ class AdaptiveWindow(FixedWindow):
         self.window_bytes = self.min_bytes
         self.probes += 1
 
+    def set_scale(self, now: float, scale: float) -> None:
+        """The caller admits against window × scale from `now` (the scheduler's fg_yield
+        while foreground transfers run). Remembered so the rate measured meanwhile is not
+        mistaken for the path's: otherwise a steady stream of device reads makes the window
+        shrink round after round (rate falls with the scaled window, the window follows the
+        rate)."""
+        if not self._scales or self._scales[-1][1] != scale:
+            self._scales.append((now, scale))
+            while len(self._scales) > 1 and self._scales[1][0] < now - 60.0:  # bounded history
+                self._scales.popleft()
+
+    def _mean_scale(self, now: float, span: float) -> float:
+        t0 = now - span
+        while len(self._scales) > 1 and self._scales[1][0] <= t0:
+            self._scales.popleft()
+        if not self._scales:
+            return 1.0
+        total = max(0.0, self._scales[0][0] - t0)  # before the first change: unscaled
+        for i, (since, sc) in enumerate(self._scales):
+            until = self._scales[i + 1][0] if i + 1 < len(self._scales) else now
+            total += max(0.0, until - max(since, t0)) * sc
+        return total / span if span > 0 else 1.0
+
     def _delivery_rate(self, now: float) -> float:
         """Bytes/s completed over the last `rate_span_srtts` smoothed latencies (≥ 1 s).
 
@@ -228,12 +338,20 @@ class AdaptiveWindow(FixedWindow):
             self._deliv.popleft()
         if self._first_start is not None:
             span = min(span, max(now - self._first_start, 1e-3))
+        self._rate_span = span
         return sum(n for _, n in self._deliv) / span
 
     def _end_round(self, now: float) -> None:
         rate = self._delivery_rate(now)
         lats = sorted(self._round_lat)
         lat = lats[len(lats) // 2]
+        if self._scales and self._base is not None and lat <= self.high * self._base:
+            # admission was scaled down (fg_yield) and requests did not queue (STEADY's own
+            # criterion): the path had room, the lower rate is the scaled window's; credit
+            # what the full window would have delivered (at most 2×), so window × scale, not
+            # the window, ends up sized to the path. When they queued, it was full anyway.
+            scale = self._mean_scale(now, self._rate_span)
+            rate /= min(1.0, max(0.5, scale))
         self._round_start = now
         self._round_lat = []
         self.rounds += 1
@@ -253,20 +371,38 @@ class AdaptiveWindow(FixedWindow):
                     # double, but never past 3 × what the measured rate and floor justify:
                     # the measurement lags a round, so unchecked doubling overshoots into a
                     # queue that delays device reads for seconds
-                    self._clamp(min(self.window_bytes * 2, max(3 * bdp, self.window_bytes)))
+                    # (the cap uses the RTT when known: the first rounds' chunk latency is
+                    # inflated by the initial burst itself)
+                    cap = 3 * self.max_rate * (self._rtt + self.chunk / max(self.max_rate, 1.0)) if self._rtt else 3 * bdp
+                    self._clamp(min(self.window_bytes * 2, max(cap, self.window_bytes)))
                     return
             else:
                 self._stalls += 1
             # (latency only counts from round 3: the first rounds pay connection set-up)
             if self._stalls >= 3 or (lat > base * self.high and self.rounds >= 3):
                 # leave STARTUP through a latency probe (BBR's Drain): the floor seen so far
-                # was measured with the initial burst queued, so drain and measure it clean
+                # was measured with the initial burst queued, so drain and measure it clean.
+                # auto_chunk: the request size is chosen here, so the probe measures its floor
+                if self.auto_chunk:
+                    self._set_chunk(self.chunk_target())
                 self._enter_probe(now, saved=None)
             return
         # STEADY: bandwidth-delay product of the request pipe times an adaptive gain. The gain
         # is hill-climbed on throughput: every `probe_every` rounds it is raised by 25 % for
         # `probe_rounds` rounds; kept if the delivery rate rose ≥ 5 %, else taken back. While
         # latency says the surplus only queues (> high × floor) it is lowered instead.
+        if self.auto_chunk:
+            # a different request size stays justified for 3 rounds: switch, and measure the
+            # new size's floor (its latency differs) through a probe; the window is then
+            # recomputed from it
+            # (hysteresis: only when the wanted size is off by 2× or more)
+            target, want = self.chunk_target(), self._chunk_want() or self.chunk
+            off = target != self.chunk and (want >= 2 * self.chunk or want <= self.chunk / 2)
+            self._chunk_votes = self._chunk_votes + 1 if off else 0
+            if self._chunk_votes >= 3:
+                self._set_chunk(target)
+                self._enter_probe(now, saved=None)
+                return
         if lat > base * self.high:
             self._gain = max(self.min_gain, self._gain / 1.25)
             self._probe_left = 0
@@ -283,7 +419,7 @@ class AdaptiveWindow(FixedWindow):
                 self._probe_from_rate = sum(recent) / len(recent)
                 self._gain = min(self.max_gain, self._gain * 1.25)
                 self._probe_left = self.probe_rounds
-        self._clamp(bdp * self._gain)
+        self._clamp(bdp * self._gain + self._slack())
 
     def __repr__(self) -> str:
         return (

@@ -4,17 +4,27 @@ Theory of operation
 -------------------
 Every byte fetched from a registry goes through a *Transfer*: one range GET of
 [start, end) of one blob, written into the blob's cache, then dropped from the blob's
-in-flight table. In-flight ranges of a blob never overlap, so each byte is fetched at most
-once at a time; anyone who needs a byte that is in flight waits for that transfer (through
-`asyncio.shield`, so one waiter's cancel never cancels the shared fetch).
+in-flight table. In-flight ranges of the table never overlap, so each byte is fetched at most
+once at a time; anyone who needs a byte that is in flight waits for that transfer through a
+future of its own (`_waiter`), so one waiter's cancel never cancels the shared fetch.
+
+Progressive transfers: when the fetcher reports body progress (RegistryClient's
+`read_range_into(progress=)`), a transfer writes what has arrived to the cache in pieces
+(`WRITE_PIECE`, or at once when a waiter needs it), and a waiter wakes as soon as *its*
+bytes are in, not when the whole transfer is. One exception to "never overlap": a
+foreground read whose bytes a background transfer would deliver later than a fresh GET
+takes (`_too_slow`: the transfer's own rate so far vs. the smoothed latency of fresh
+foreground GETs) gets its own GET, an *overlay* (RemoteBlob.extra) that other foreground
+readers of the range share; the background transfer keeps running.
 
 Three classes, `Priority.FOREGROUND < PREFETCH < FILL`:
 
 * FOREGROUND (a read from a device): planned and started at once, never queued, not counted
   against the background window. The missing pages of the read are widened to `refillSize`
   alignment (as upstream's file cache does); missing runs separated by at most one refill
-  unit are coalesced into one GET. A range already in flight is waited for, not refetched. A
-  PREFETCH transfer still waiting for admission is *promoted* instead: it starts at once.
+  unit are coalesced into one GET. A range already in flight is waited for (until its bytes
+  arrive), not refetched, unless a fresh GET would be faster (overlay, above). A PREFETCH
+  transfer still waiting for admission is *promoted* instead: it starts at once.
 * PREFETCH (trace replay) and FILL (background download) share one window of bytes in
   flight, sized by the controller (AdaptiveWindow, or FixedWindow for `upstream`/fixed
   modes). Waiters are admitted strictly by priority, then arrival; while any foreground
@@ -22,7 +32,8 @@ Three classes, `Priority.FOREGROUND < PREFETCH < FILL`:
   queue drains in favour of the device.
 * FILL is driven by one filler task for the whole daemon. It walks the blobs in the order
   their fill started and hands out the next missing, not-in-flight chunk (`fill_chunk`
-  bytes) whenever the window admits one — so concurrency spans chunks, layers and blobs.
+  bytes, or in adaptive mode by default the window's link-sized `chunk`) whenever the
+  window admits one — so concurrency spans chunks, layers and blobs.
   maxMBps is a token bucket on FILL bytes (0 = unthrottled).
 
 Assignment (`_plan`, `_next_fill_chunk`, `_pump_admission`) is synchronous and awaits
@@ -37,9 +48,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import errno
 import enum
 import heapq
+import inspect
 import itertools
 import logging
 import os
@@ -54,6 +67,10 @@ from .control import AdaptiveWindow, FixedWindow, TokenBucket
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
+PAGE = 4096
+# a progressive transfer writes what has arrived to the cache in pieces of at least this
+# (sooner when a reader waits for it)
+WRITE_PIECE = 512 * 1024
 
 
 class Priority(enum.IntEnum):
@@ -77,7 +94,13 @@ class SchedulerOptions:
     upstream's bk_download)."""
 
     mode: str = "adaptive"
-    fill_chunk: int = 4 * MiB
+    # bytes per fill request. None: adaptive mode sizes it from the link (AdaptiveWindow
+    # auto_chunk: start at `initial_chunk`, then ~BDP within [min_chunk, max_chunk]);
+    # fixed mode uses 4 MiB.
+    fill_chunk: int | None = None
+    initial_chunk: int = 1 * MiB
+    min_chunk: int = 256 * 1024
+    max_chunk: int = 4 * MiB
     max_concurrency: int = 64
     max_inflight_bytes: int = 256 * MiB
     fixed_concurrency: int = 16
@@ -92,9 +115,18 @@ class SchedulerOptions:
             return FixedWindow(self.fixed_concurrency, self.max_inflight_bytes)
         if self.mode != "adaptive":
             raise ValueError(f"unknown scheduler mode {self.mode!r}")
+        if self.fill_chunk is None:
+            return AdaptiveWindow(
+                self.initial_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
+                auto_chunk=True, min_chunk=self.min_chunk, max_chunk=self.max_chunk,
+            )
         return AdaptiveWindow(
             self.fill_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency
         )
+
+    @property
+    def fixed_chunk(self) -> int:
+        return self.fill_chunk if self.fill_chunk is not None else 4 * MiB
 
 
 class FillState(enum.Enum):
@@ -132,9 +164,17 @@ class SchedulerStats:
 
 
 class Transfer:
-    """One range GET in flight (or, for PREFETCH, waiting for admission)."""
+    """One range GET in flight (or, for PREFETCH, waiting for admission).
 
-    __slots__ = ("blob", "start", "end", "priority", "task", "admit", "counted", "queued_at", "__weakref__")
+    Progress (fetchers that report it): `received` bytes of the body are in `buf`;
+    [start, `written`) is already in the cache. Waiters register (need_end, future) and are
+    woken when `written` reaches need_end, or when the transfer ends (the future's result is
+    then the transfer's exception or None). `overlay`: a foreground GET that overlaps a
+    slow background transfer (kept in RemoteBlob.extra, not in the disjoint table).
+    """
+
+    __slots__ = ("blob", "start", "end", "priority", "task", "admit", "counted", "queued_at", "sent_at",
+                 "first_byte_at", "received", "written", "waiters", "wake", "overlay", "__weakref__")
 
     def __init__(self, blob: "RemoteBlob", start: int, end: int, priority: Priority):
         self.blob, self.start, self.end, self.priority = blob, start, end, priority
@@ -142,6 +182,13 @@ class Transfer:
         self.admit: asyncio.Future | None = None  # set while waiting for the background window
         self.counted = False  # counted in the background window
         self.queued_at = 0.0
+        self.sent_at: float | None = None
+        self.first_byte_at: float | None = None
+        self.received = 0
+        self.written = start
+        self.waiters: list[tuple[int, asyncio.Future]] = []
+        self.wake: asyncio.Future | None = None
+        self.overlay = False
 
     def __repr__(self) -> str:
         state = "queued" if self.admit is not None and not self.admit.done() else "active"
@@ -156,6 +203,7 @@ class RemoteBlob:
         self.refs = 0
         self._starts: list[int] = []  # sorted starts of in-flight transfers
         self._by_start: dict[int, Transfer] = {}
+        self.extra: list[Transfer] = []  # foreground overlays (may overlap the table)
         self.fill_state = FillState.IDLE
         self.fill_cursor = 0
         self.fill_errors = 0
@@ -194,7 +242,7 @@ class RemoteBlob:
 
     @property
     def inflight(self) -> list[Transfer]:
-        return [self._by_start[s] for s in self._starts]
+        return [self._by_start[s] for s in self._starts] + list(self.extra)
 
     def __repr__(self) -> str:
         return f"<RemoteBlob {self.digest[:19]} {self.fill_state.value} {self.cache!r}>"
@@ -222,8 +270,16 @@ class Scheduler:
         if self.options.mode == "upstream":
             self.fill_chunk = dl.block_size
         else:
-            self.fill_chunk = self.options.fill_chunk
+            self.fill_chunk = self.options.fixed_chunk
         self.window = self.options.make_window(dl.block_size)
+        self._auto_chunk = bool(getattr(self.window, "auto_chunk", False))
+        # does the fetcher report body progress (RegistryClient: read_range_into(progress=))?
+        try:
+            self._progressive = "progress" in inspect.signature(fetcher.read_range_into).parameters
+        except (TypeError, ValueError):
+            self._progressive = False
+        self._fg_est: float | None = None  # smoothed latency of a fresh refill-sized foreground GET
+        self.overlays = 0  # foreground GETs that overlapped a slow background transfer
         # Foreground must never queue for an HTTP connection behind the fill: keep some of the
         # client's connection pool out of the background's reach.
         pool = getattr(fetcher, "max_connections", None)
@@ -231,7 +287,8 @@ class Scheduler:
             self.window.max_requests = min(self.window.max_requests, max(1, pool - max(4, pool // 8)))
         mbps = self.options.max_mbps if self.options.max_mbps is not None else dl.max_mbps
         rate = mbps * MiB if mbps and mbps > 0 else 0
-        self.bucket = TokenBucket(rate, burst=max(rate, self.fill_chunk) if rate else None, now=time.monotonic())
+        self.bucket = TokenBucket(rate, burst=max(rate, self.fill_chunk, self.options.max_chunk) if rate else None,
+                                  now=time.monotonic())
         self.stats = SchedulerStats()
         self._blobs: dict[tuple, RemoteBlob] = {}
         self._fill_order: list[RemoteBlob] = []
@@ -318,13 +375,21 @@ class Scheduler:
         while not b.cache.is_present(offset, end):
             if b.cache.closed or self._closed:
                 raise ImageIOError(f"{b.digest}: blob closed", errno.EBADF)
-            waits = self._plan(b, offset, end, Priority(priority))
+            waits, on_background = self._plan(b, offset, end, Priority(priority))
             if not waits:
                 await asyncio.sleep(0)  # only possible if the range became present meanwhile
                 continue
-            # Cancel invariant: shield() keeps the shared transfers running if we are cancelled.
-            results = await asyncio.gather(*(asyncio.shield(t.task) for t in waits), return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
+            # Cancel invariant: the futures are this waiter's own; cancelling them (or us)
+            # never cancels a shared transfer.
+            # Waiting on a background transfer: look again after about what a fresh request
+            # would take, so a stalled one does not hold a device read (see _plan).
+            timeout = self._fg_est if (on_background and self._fg_est) else None
+            try:
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for f in waits:
+                    f.cancel()
+            errors = [f.result() for f in done if not f.cancelled() and isinstance(f.result(), BaseException)]
             if errors and not b.cache.is_present(offset, end):
                 failures += 1
                 if failures >= max(1, self.options.fg_attempts):
@@ -333,8 +398,9 @@ class Scheduler:
                         raise RemoteError(f"{b.url}: transfer cancelled", url=b.url)
                     raise err
 
-    def _plan(self, b: RemoteBlob, start: int, end: int, priority: Priority) -> list[Transfer]:
-        """Sync: start what is missing in [start, end) (refill-aligned), return what to wait for."""
+    def _plan(self, b: RemoteBlob, start: int, end: int, priority: Priority) -> tuple[list[asyncio.Future], bool]:
+        """Sync: start what is missing in [start, end) (refill-aligned). Returns waiter futures
+        for the transfers that carry [start, end), and whether one of them is background."""
         r = self.refill
         a0, a1 = _align_down(start, r), min(_align_up(end, r), b.size)
         runs = b.cache.missing_runs(a0, a1)
@@ -344,27 +410,105 @@ class Scheduler:
                 merged[-1][1] = e
             else:
                 merged.append([s, e])
-        waits: list[Transfer] = []
+        need_end = min(_align_up(end, PAGE), b.size)
+        carriers: list[Transfer] = []
+        now = self.clock()
         for s, e in merged:
             pos = s
-            for t in b.overlapping(s, e):
-                if t.start > pos:
-                    waits.append(self._launch(b, pos, t.start, priority))
-                if priority < t.priority and t.admit is not None and not t.admit.done():
-                    self._promote(t, priority)
-                waits.append(t)
-                pos = max(pos, t.end)
-            if pos < e:
-                waits.append(self._launch(b, pos, e, priority))
-        return [t for t in waits if t.start < end and t.end > start]
+            while pos < e:
+                ov = next((t for t in b.extra if t.start <= pos < t.end), None)
+                if ov is not None:
+                    carriers.append(ov)
+                    pos = ov.end
+                    continue
+                over = b.overlapping(pos, pos + 1)
+                nxt_ov = min((t.start for t in b.extra if t.start > pos), default=e)
+                if over:
+                    t = over[0]
+                    if priority < t.priority and t.admit is not None and not t.admit.done():
+                        self._promote(t, priority)
+                    stop = min(e, t.end)
+                    if (priority == Priority.FOREGROUND and t.priority != Priority.FOREGROUND
+                            and pos < end and self._too_slow(t, min(stop, need_end), now)):
+                        # a fresh GET beats waiting for this background transfer's bytes:
+                        # fetch them alongside (the duplicate bytes are the price)
+                        stop = min(stop, nxt_ov)
+                        carriers.append(self._launch(b, pos, stop, priority, overlay=True))
+                        self.overlays += 1
+                        pos = stop
+                        continue
+                    carriers.append(t)
+                    pos = t.end
+                    continue
+                stop = min(e, nxt_ov)
+                nxt = b.next_inflight_start(pos)
+                if nxt is not None:
+                    stop = min(stop, nxt)
+                carriers.append(self._launch(b, pos, stop, priority))
+                pos = stop
+        waits: list[asyncio.Future] = []
+        on_background = False
+        for t in carriers:
+            if t.start < end and t.end > start:
+                waits.append(self._waiter(t, min(t.end, need_end)))
+                on_background = on_background or t.priority != Priority.FOREGROUND
+        return waits, on_background
 
-    def _launch(self, b: RemoteBlob, start: int, end: int, priority: Priority, *, counted: bool = False) -> Transfer:
+    def _waiter(self, t: Transfer, need_end: int) -> asyncio.Future:
+        """A future resolved once [t.start, need_end) is in the cache, or t ended (result: its
+        exception or None). Owned by one waiter: cancelling it affects nobody else."""
+        fut = asyncio.get_running_loop().create_future()
+        if t.written >= need_end or t.task is None or t.task.done():
+            fut.set_result(None)
+        else:
+            t.waiters.append((need_end, fut))
+            self._kick(t)
+        return fut
+
+    @staticmethod
+    def _wake_waiters(t: Transfer, final: bool = False, error: BaseException | None = None) -> None:
+        keep = []
+        for need, fut in t.waiters:
+            if fut.done():
+                continue
+            if final or t.written >= need:
+                fut.set_result(error)
+            else:
+                keep.append((need, fut))
+        t.waiters = keep
+
+    def _too_slow(self, t: Transfer, need_end: int, now: float) -> bool:
+        """Would a fresh foreground GET deliver [.., need_end) sooner than background t?"""
+        fresh = self._fg_est
+        if fresh is None or not self._progressive or t.sent_at is None:
+            return False
+        left = need_end - (t.start + t.received)
+        if left <= 0:
+            return False
+        if t.received > 0 and t.first_byte_at is not None:
+            rate = t.received / max(now - t.first_byte_at, 0.02)
+            eta = left / rate
+        else:
+            # no byte yet: its first byte is due about a fresh latency after it was sent, then
+            # it runs at a background flow's share of the link
+            per_flow = getattr(self.window, "max_rate", 0.0) / max(1, self.inflight_requests)
+            if per_flow <= 0:
+                return False
+            eta = max(0.0, t.sent_at + fresh - now) + (need_end - t.start) / per_flow
+        return eta > fresh
+
+    def _launch(self, b: RemoteBlob, start: int, end: int, priority: Priority, *, counted: bool = False,
+                overlay: bool = False) -> Transfer:
         t = Transfer(b, start, end, priority)
         t.counted = counted
         t.queued_at = self.clock()
-        b.add(t)
+        t.overlay = overlay
+        if overlay:
+            b.extra.append(t)
+        else:
+            b.add(t)
         t.task = asyncio.get_running_loop().create_task(self._run(t), name=repr(t))
-        # waiters see the error through shield(); a fill transfer may have none
+        # waiters see the error through their futures; nobody retrieves the task's own
         t.task.add_done_callback(lambda f: f.cancelled() or f.exception())
         return t
 
@@ -394,6 +538,9 @@ class Scheduler:
     def _pump_admission(self) -> None:
         scale = self.options.fg_yield if self._fg_active else 1.0
         now = self.clock()
+        note = getattr(self.window, "set_scale", None)
+        if note is not None:
+            note(now, scale)
         while self._admission:
             prio, _seq, fut, nbytes = self._admission[0]
             if fut.done():
@@ -406,10 +553,74 @@ class Scheduler:
             fut.set_result(True)
 
     # --- one transfer ----------------------------------------------------------------------------
+    def _kick(self, t: Transfer) -> None:
+        """Progress side: wake t's runner when a piece is worth writing now."""
+        if t.wake is None or t.wake.done():
+            return
+        ready = t.start + t.received
+        if ready < t.end:
+            ready = _align_down(ready, PAGE)
+        if ready <= t.written:
+            return
+        if ready - t.written >= WRITE_PIECE or ready >= t.end or any(need <= ready for need, _ in t.waiters):
+            t.wake.set_result(None)
+
+    def _on_progress(self, t: Transfer, n: int) -> None:
+        if n > t.received:
+            if t.received == 0:
+                t.first_byte_at = self.clock()
+            t.received = n
+            self._kick(t)
+
+    async def _write_ready(self, t: Transfer, view: memoryview, final: bool) -> None:
+        """Write what has arrived ([written, received), page aligned unless final) to the cache
+        and wake the waiters it satisfies."""
+        b = t.blob
+        ready = t.start + t.received
+        if not final and ready < t.end:
+            ready = _align_down(ready, PAGE)
+        if ready <= t.written:
+            return
+        a = t.written
+        await b.cache.write(a, view[a - t.start : ready - t.start],
+                            background=t.counted or t.priority != Priority.FOREGROUND)
+        t.written = ready
+        self._wake_waiters(t)
+
+    async def _fetch_into(self, t: Transfer, view: memoryview) -> None:
+        """The GET of t. With a progressive fetcher, arrived bytes reach the cache while the
+        rest is still on the wire, so a reader waiting inside t wakes when *its* bytes are in."""
+        b = t.blob
+        if not self._progressive:
+            await self.fetcher.read_range_into(b.url, t.start, view)
+            t.received = len(view)
+            await self._write_ready(t, view, final=True)
+            return
+        loop = asyncio.get_running_loop()
+        fetch = loop.create_task(self.fetcher.read_range_into(b.url, t.start, view,
+                                                              progress=lambda n: self._on_progress(t, n)))
+        try:
+            while not fetch.done():
+                t.wake = loop.create_future()
+                self._kick(t)
+                await asyncio.wait((fetch, t.wake), return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    await self._write_ready(t, view, final=False)
+            fetch.result()
+            t.received = len(view)
+            await self._write_ready(t, view, final=True)
+        finally:
+            t.wake = None
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(BaseException):
+                    await fetch
+
     async def _run(self, t: Transfer) -> None:
         b = t.blob
         n = t.end - t.start
         fg = False
+        error: BaseException | None = None
         try:
             if t.priority != Priority.FOREGROUND and not t.counted:
                 t.admit = asyncio.get_running_loop().create_future()
@@ -421,30 +632,40 @@ class Scheduler:
             if b.cache.is_present(t.start, t.end):
                 return
             started = self.clock()
+            t.sent_at = started
             buf = bytearray(n)
-            await self.fetcher.read_range_into(b.url, t.start, memoryview(buf))
+            await self._fetch_into(t, memoryview(buf))
             latency = self.clock() - started
-            await b.cache.write(t.start, buf, background=t.counted)
+            ttfb = (t.first_byte_at - started) if t.first_byte_at is not None else None
             self.stats.bytes_fetched[t.priority] += n
             self.stats.requests[t.priority] += 1
             if t.counted:
-                self.window.on_complete(self.clock(), n, latency)
+                self.window.on_complete(self.clock(), n, latency, ttfb=ttfb)
                 t.counted = False
             else:
                 self.window.on_foreground(self.clock(), n, latency)
                 self.stats.observe_fg(latency)
+                if n <= 2 * self.refill:
+                    self._fg_est = latency if self._fg_est is None else 0.75 * self._fg_est + 0.25 * latency
             if t.priority == Priority.FILL:
                 b.fill_errors = 0
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as e:
+            error = e
             raise
         except Exception as e:
+            error = e
             self.stats.failures[t.priority] += 1
             log.info("%s [%d, %d) %s failed: %s", b.digest[:19], t.start, t.end, t.priority.name, e)
             if t.priority == Priority.FILL:
                 self._fill_failed(b, e)
             raise
         finally:
-            b.remove(t)
+            if t.overlay:
+                with contextlib.suppress(ValueError):
+                    b.extra.remove(t)
+            else:
+                b.remove(t)
+            self._wake_waiters(t, final=True, error=error)
             if t.counted:
                 self.window.on_complete(self.clock(), n, 0.0, ok=False)
             if fg:
@@ -567,6 +788,9 @@ class Scheduler:
         if b.fill_done is not None and not b.fill_done.done():
             b.fill_done.set_exception(err)
 
+    def _chunk_size(self) -> int:
+        return self.window.chunk if self._auto_chunk else self.fill_chunk
+
     def _next_fill_chunk(self) -> tuple[RemoteBlob, int, int] | None:
         """Sync: the next missing, not-in-flight range of the first fill blob that has one."""
         now = self.clock()
@@ -587,7 +811,7 @@ class Scheduler:
                             break  # cannot happen (in-flight ranges are page aligned); never spin
                         pos = over[0].end
                         continue
-                    end = min(m + self.fill_chunk, b.size)
+                    end = min(m + self._chunk_size(), b.size)
                     nxt = b.next_inflight_start(m)
                     if nxt is not None:
                         end = min(end, nxt)

@@ -72,6 +72,23 @@ def test_random_ranges(anon_blob, ranges):
     asyncio.run(run())
 
 
+async def test_progress_reports_a_growing_final_prefix(anon_blob):
+    """read_range_into(progress=): each report n means buf[:n] already holds the final bytes."""
+    async with client() as c:
+        out = bytearray(len(BLOB) - 100)
+        seen: list[int] = []
+
+        def progress(n):
+            assert out[:n] == BLOB[100 : 100 + n]  # the prefix is final when reported
+            seen.append(n)
+
+        await c.read_range_into(anon_blob, 100, memoryview(out), progress=progress)
+        assert out == BLOB[100:]
+        assert seen == sorted(set(seen)) and seen[-1] == len(out)
+        assert len(seen) > 1  # delivered piecewise, not only at the end
+        await c.read_range_into(anon_blob, 0, memoryview(bytearray(10)))  # still optional
+
+
 async def test_blob_size_and_empty_blob(registry, anon_blob):
     empty = push_blob(registry.url, "client/anon", b"")
     async with client() as c:
