@@ -99,6 +99,10 @@ class SchedulerOptions:
     # fixed mode uses 4 MiB.
     fill_chunk: int | None = None
     initial_chunk: int = 1 * MiB
+    # Requests in flight when a fill starts. Each request rides its own connection in TCP slow
+    # start, so more of them reach the link's rate sooner; a daemon keeps this small so device
+    # reads are not queued behind the first burst, `fetch` (nothing to protect) starts wide.
+    initial_requests: int = 8
     min_chunk: int = 256 * 1024
     max_chunk: int = 4 * MiB
     max_concurrency: int = 64
@@ -119,9 +123,11 @@ class SchedulerOptions:
             return AdaptiveWindow(
                 self.initial_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
                 auto_chunk=True, min_chunk=self.min_chunk, max_chunk=self.max_chunk,
+                initial_bytes=self.initial_requests * self.initial_chunk,
             )
         return AdaptiveWindow(
-            self.fill_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency
+            self.fill_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
+            initial_bytes=self.initial_requests * self.fill_chunk,
         )
 
     @property

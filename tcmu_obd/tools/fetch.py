@@ -62,7 +62,11 @@ def register(subparsers) -> None:
         "upstream: sequential download.blockSize requests, one in flight, one layer at a time",
     )
     p.add_argument("--concurrency", type=int, default=None, help="fixed: requests in flight (16); adaptive: upper bound (64)")
-    p.add_argument("--chunk-size", type=_size, default=None, help="bytes per fill request (default 4M; upstream mode: download.blockSize)")
+    p.add_argument("--chunk-size", type=_size, default=None,
+                   help="bytes per fill request (adaptive default: sized from the link, 256K-4M; "
+                        "fixed: 4M; upstream mode: download.blockSize)")
+    p.add_argument("--initial-requests", type=int, default=64,
+                   help="adaptive: requests in flight at the start (default 64: nothing else uses the link)")
     p.add_argument("--max-inflight", type=_size, default=None, help="upper bound on bytes in flight (default 256M)")
     p.add_argument("--max-mbps", type=float, default=0.0, help="throttle in MiB/s (default 0: unthrottled)")
     p.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto")
@@ -76,7 +80,7 @@ def handler(args) -> int:
 
 
 def _options(args) -> SchedulerOptions:
-    o = SchedulerOptions(mode=args.mode, max_mbps=args.max_mbps)
+    o = SchedulerOptions(mode=args.mode, max_mbps=args.max_mbps, initial_requests=args.initial_requests)
     if args.chunk_size:
         o.fill_chunk = args.chunk_size
     if args.max_inflight:
