@@ -90,15 +90,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     return start, end
 
 
-class InProcessRegistry:
-    kind = "in-process aiohttp"
+class _LoopbackRegistry:
+    """What the demo needs of either registry: where it listens and the repo's blob URL."""
 
-    def __init__(self, repo: str = REPO):
-        self.repo = repo
-        self.blobs: dict[str, Path] = {}
-        self.requests = 0
-        self._runner: web.AppRunner | None = None
-        self.port = 0
+    port: int
+    repo: str
 
     @property
     def url(self) -> str:
@@ -107,6 +103,17 @@ class InProcessRegistry:
     @property
     def repo_blob_url(self) -> str:
         return f"{self.url}/v2/{self.repo}/blobs"
+
+
+class InProcessRegistry(_LoopbackRegistry):
+    kind = "in-process aiohttp"
+
+    def __init__(self, repo: str = REPO):
+        self.repo = repo
+        self.blobs: dict[str, Path] = {}
+        self.requests = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
 
     async def start(self) -> "InProcessRegistry":
         app = web.Application()
@@ -173,7 +180,7 @@ class InProcessRegistry:
             await runner.cleanup()
 
 
-class DockerRegistry:
+class DockerRegistry(_LoopbackRegistry):
     kind = "docker-registry"
 
     def __init__(self, workdir: str | os.PathLike, repo: str = REPO, binary: str | None = None,
@@ -186,14 +193,6 @@ class DockerRegistry:
         self._proc: asyncio.subprocess.Process | None = None
         self._log = None
         self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def repo_blob_url(self) -> str:
-        return f"{self.url}/v2/{self.repo}/blobs"
 
     def _config(self) -> str:
         return "\n".join([
@@ -261,7 +260,7 @@ class DockerRegistry:
         path = Path(path)
         digest = await asyncio.to_thread(_sha256, path)
         s = self._session
-        base = f"{self.url}/v2/{self.repo}/blobs"
+        base = self.repo_blob_url
         async with s.head(f"{base}/{digest}") as r:
             if r.status == 200:
                 return digest

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import pytest
 
+from tcmu_obd.remote.auth import parse_challenge
 from tests.support.paths import FIXTURES_UPSTREAM
 
 DOCKER_REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -473,31 +474,6 @@ class PushError(RuntimeError):
     pass
 
 
-def _parse_challenge(value: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = value.strip().partition(" ")
-    params: dict[str, str] = {}
-    i = 0
-    while i < len(rest):
-        while i < len(rest) and rest[i] in " ,":
-            i += 1
-        eq = rest.find("=", i)
-        if eq < 0:
-            break
-        key = rest[i:eq].strip().lower()
-        i = eq + 1
-        if i < len(rest) and rest[i] == '"':
-            end = rest.find('"', i + 1)
-            end = len(rest) if end < 0 else end
-            params[key] = rest[i + 1 : end]
-            i = end + 1
-        else:
-            end = rest.find(",", i)
-            end = len(rest) if end < 0 else end
-            params[key] = rest[i:end].strip()
-            i = end
-    return scheme.lower(), params
-
-
 class _Pusher:
     def __init__(self, registry_url: str, auth: Auth):
         u = urllib.parse.urlsplit(registry_url)
@@ -518,7 +494,7 @@ class _Pusher:
         return "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
 
     def _authenticate(self, challenge: str) -> None:
-        scheme, p = _parse_challenge(challenge)
+        scheme, p = parse_challenge(challenge)
         if scheme == "basic":
             if not self.auth:
                 raise PushError("registry wants Basic credentials; none given")

@@ -26,7 +26,7 @@ import threading
 from typing import Any, Protocol
 
 from ...errors import ObdError
-from .scsi import SENSE_BUFFERSIZE, ScsiStatus
+from .scsi import SENSE_BUFFERSIZE, ScsiStatus, cdb_size
 
 log = logging.getLogger(__name__)
 
@@ -231,18 +231,8 @@ class Device:
 
 
 def _cdb_len(first: int, cdb_ptr: Any) -> int:
-    group = first >> 5
-    if group == 0:
-        return 6
-    if group in (1, 2):
-        return 10
-    if group == 4:
-        return 16
-    if group == 5:
-        return 12
-    if first == 0x7F:
-        return 8 + cdb_ptr[7]
-    return 6  # libtcmu never hands out CDBs it cannot size; be safe anyway
+    size = cdb_size(first, cdb_ptr[7] if first == 0x7F else None)
+    return size if size is not None else 6  # libtcmu never hands out CDBs it cannot size; be safe anyway
 
 
 class CommandHandle:

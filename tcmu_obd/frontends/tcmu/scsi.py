@@ -175,16 +175,10 @@ def parse_sense(sense: bytes) -> tuple[int, int, int]:
 # CDB decoding
 
 
-def cdb_length(cdb: bytes) -> int:
-    """Length of the CDB from its group code: 0 → 6, 1/2 → 10, 4 → 16, 5 → 12,
-    0x7F → 8 + additional length.
-
-    Raises: CheckCondition(INVALID COMMAND OPERATION CODE) for reserved/vendor groups or an
-    empty CDB.
-    """
-    if not cdb:
-        raise CheckCondition(INVALID_COMMAND_OPCODE, "empty CDB")
-    group = cdb[0] >> 5
+def cdb_size(opcode: int, additional_length: int | None = None) -> int | None:
+    """CDB length from the opcode's group code: 0 → 6, 1/2 → 10, 4 → 16, 5 → 12, 0x7F →
+    8 + additional length (byte 7). None for reserved/vendor groups, or 0x7F without byte 7."""
+    group = opcode >> 5
     if group == 0:
         return 6
     if group in (1, 2):
@@ -193,9 +187,23 @@ def cdb_length(cdb: bytes) -> int:
         return 16
     if group == 5:
         return 12
-    if cdb[0] == 0x7F and len(cdb) >= 8:
-        return 8 + cdb[7]
-    raise CheckCondition(INVALID_COMMAND_OPCODE, f"opcode {cdb[0]:#04x}: reserved CDB group")
+    if opcode == 0x7F and additional_length is not None:
+        return 8 + additional_length
+    return None
+
+
+def cdb_length(cdb: bytes) -> int:
+    """Length of the CDB (see cdb_size).
+
+    Raises: CheckCondition(INVALID COMMAND OPERATION CODE) for reserved/vendor groups or an
+    empty CDB.
+    """
+    if not cdb:
+        raise CheckCondition(INVALID_COMMAND_OPCODE, "empty CDB")
+    size = cdb_size(cdb[0], cdb[7] if len(cdb) >= 8 else None)
+    if size is None:
+        raise CheckCondition(INVALID_COMMAND_OPCODE, f"opcode {cdb[0]:#04x}: reserved CDB group")
+    return size
 
 
 def _need(cdb: bytes, n: int) -> None:
