@@ -16,7 +16,6 @@ import collections
 import contextlib
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys

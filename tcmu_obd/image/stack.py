@@ -37,11 +37,10 @@ from .source import BlobSource, FileSource
 log = logging.getLogger(__name__)
 
 SECTOR = lsmt.SECTOR
-MAX_PIECE_BYTES = 4 << 20  # upstream splits reads into ≤ 4 MiB pieces; keeps buffers bounded
 
 
 class Image:
-    """A BlockImage over stacked layers. Build it with `open_image` or `Image.from_layers`."""
+    """A BlockImage over stacked layers (usually built by `open_image`)."""
 
     block_size = SECTOR
 
@@ -78,10 +77,6 @@ class Image:
     def blob_sources(self) -> list[BlobSource]:
         """The stored blob of each lower (before tar/ZFile unwrapping), bottom first."""
         return [layer.unwrapped.outer for layer in self.lowers]
-
-    @classmethod
-    def from_layers(cls, lowers: list[CommittedLayer], upper: Any = None, read_only: bool = False) -> "Image":
-        return cls(lowers, upper, read_only=read_only)
 
     # ------------------------------------------------------------------ reads
 
