@@ -1,7 +1,7 @@
 """Fill benchmark: how fast does a layer blob come down a long, capped link?
 
-    sudo /work/main/.venv/bin/python -m bench.fill_bench            # full run, ~6-7 min
-    sudo /work/main/.venv/bin/python -m bench.fill_bench --quick    # small blobs, short phases
+    sudo .venv/bin/python -m bench.fill_bench            # full run, ~6-7 min
+    sudo .venv/bin/python -m bench.fill_bench --quick    # small blobs, short phases
 
 Everything runs through the userspace link emulator (bench/linkemu.py): Debian's
 docker-registry in the registry namespace, every client in the client namespace, real kernel
@@ -25,6 +25,9 @@ TCP on both ends. Phases, in one run and on the same link (`--phases`):
 Throughput over time comes from the line's delivered-byte counter (registry → client),
 sampled every 0.5 s. Output: bench/results/fill.json (full, with time series; git-ignored),
 bench/fill-results.json (the numbers), bench/fill.png and a markdown table on stdout.
+
+Experiments with the daemon's scheduler knobs (phases fg/sched filler): OBD_BENCH_SCHED_OPTS='{"fg_yield": 0.5,
+"latency_probes": true}' (JSON, SchedulerOptions fields).
 
 The helpers run inside the namespaces as `python -m bench.fill_bench _push|_seq|_fg|_fgsched|
 _schedfill|_standin` (internal subcommands; each prints one JSON line).
@@ -256,7 +259,8 @@ class SchedulerRig:
         from tcmu_obd.remote.registry import RegistryClient
         from tcmu_obd.scheduler import Scheduler, SchedulerOptions
 
-        opts = SchedulerOptions(mode=mode or "adaptive", max_mbps=0.0)
+        opts = SchedulerOptions(mode=mode or "adaptive", max_mbps=0.0,
+                                **json.loads(os.environ.get("OBD_BENCH_SCHED_OPTS", "{}")))
         self.client = RegistryClient(gcfg, max_connections=max(64, opts.max_concurrency + 8))
         self.store = CacheStore.from_config(gcfg)
         self.sched = Scheduler(self.client, self.store, gcfg, opts)

@@ -64,6 +64,42 @@ size_t obd_zero_iovec_from(const struct tcmulib_cmd *cmd, size_t offset)
     return zeroed;
 }
 
+/*
+ * CDB length from the opcode's group code (SPC: 0 -> 6, 1/2 -> 10, 4 -> 16, 5 -> 12,
+ * 0x7F variable length -> 8 + byte 7). libtcmu only hands out commands whose CDB it could
+ * size; 6 for anything else keeps the caller within the copy libtcmu made.
+ */
+size_t obd_cmd_cdb_len(const struct tcmulib_cmd *cmd)
+{
+    uint8_t op = cmd->cdb[0];
+    switch (op >> 5) {
+    case 0:
+        return 6;
+    case 1:
+    case 2:
+        return 10;
+    case 4:
+        return 16;
+    case 5:
+        return 12;
+    default:
+        return op == 0x7f ? 8 + (size_t)cmd->cdb[7] : 6;
+    }
+}
+
+/*
+ * The data-in path of a GOOD completion in one call: copy len bytes of buf into the
+ * iovecs, zero the rest of them (stale data area bytes must not reach the initiator),
+ * complete the command with TCMU_STS_OK (which frees it). Returns bytes copied.
+ */
+size_t obd_complete_data_in(struct tcmu_device *dev, struct tcmulib_cmd *cmd, const void *buf, size_t len)
+{
+    size_t n = len ? obd_copy_to_iovec(cmd, buf, len) : 0;
+    obd_zero_iovec_from(cmd, n);
+    tcmulib_command_complete(dev, cmd, 0 /* TCMU_STS_OK */);
+    return n;
+}
+
 void obd_set_sense(struct tcmulib_cmd *cmd, const uint8_t *sense, size_t len)
 {
     if (len > sizeof(cmd->sense_buf))

@@ -10,7 +10,7 @@ APT_PACKAGES="
   docker-registry apache2-utils skopeo
   qemu-system-x86 qemu-utils nbdkit libnbd-bin
   e2fsprogs busybox-static cpio kmod bc open-iscsi fio udev
-  iproute2 zstd liblz4-1
+  iproute2 zstd liblz4-1 systemd
 "
 missing=""
 for p in $APT_PACKAGES; do

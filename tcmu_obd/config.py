@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -18,7 +19,14 @@ from typing import Any, get_type_hints
 from .errors import ConfigError
 
 DEFAULT_GLOBAL_CONFIG = "/etc/overlaybd/overlaybd.json"
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Always fullmatch: with match() and "$" a trailing "\n" got through into cache file names.
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def is_digest(value: object) -> bool:
+    """True for exactly `sha256:` + 64 lowercase hex digits, the only digests used as file
+    names and URL path segments (anything else could carry "/", ".." or a newline)."""
+    return isinstance(value, str) and DIGEST_RE.fullmatch(value) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,12 +247,16 @@ def _convert(value: Any, hint: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where} must be true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        # is_integer() also refuses inf and nan (json takes Infinity, NaN and 1e400)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{source}: {where} must be an integer, got {value!r}")
         return int(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {where} must be a string, got {value!r}")
+        if "\0" in value:  # every string here is a path, URL or name: the OS would refuse it later
+            raise ConfigError(f"{source}: {where} contains a NUL character")
         return value
     if origin is tuple:
         (item_hint, _ellipsis) = hint.__args__
@@ -280,6 +292,8 @@ def _load_json(path: str, what: str) -> dict:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path}: not valid JSON: nested too deeply") from e
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: top level must be a JSON object")
     return obj
@@ -320,8 +334,19 @@ def _validate_global(cfg: GlobalConfig, path: str) -> None:
     if cfg.prefetch_config.concurrency <= 0:
         raise ConfigError(f"{path}: prefetchConfig.concurrency must be positive")
     for i, m in enumerate(cfg.mirrors):
+        _check_no_userinfo(m.url, path, f"mirrors[{i}].url")
         if not m.url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}: mirrors[{i}].url must be an http(s) URL, got {m.url!r}")
+    _check_no_userinfo(cfg.p2p_config.address, path, "p2pConfig.address")
+
+
+def _check_no_userinfo(url: str, path: str, where: str) -> None:
+    """Credentials belong in the credential file (matched by host, as upstream does); in a URL
+    they would end up in logs, error messages and the result file. The message does not echo
+    the URL, which would print the password."""
+    if "@" in urllib.parse.urlsplit(url).netloc:
+        raise ConfigError(f"{path}: {where} has user:password@ in it; put credentials in the "
+                          "credential file (credentialConfig) instead")
 
 
 def _validate_download(d: DownloadConfig | None, path: str, where: str) -> None:
@@ -351,7 +376,7 @@ def load_image_config(path: str | os.PathLike, global_config: GlobalConfig | Non
 
     lowers = []
     for i, lower in enumerate(cfg.lowers):
-        if lower.digest and not DIGEST_RE.match(lower.digest):
+        if lower.digest and not is_digest(lower.digest):
             raise ConfigError(f"{path}: lowers[{i}].digest {lower.digest!r} is not sha256:<64 hex digits>")
         if lower.size < 0:
             raise ConfigError(f"{path}: lowers[{i}].size must not be negative")
@@ -376,6 +401,7 @@ def load_image_config(path: str | os.PathLike, global_config: GlobalConfig | Non
         target=resolve(cfg.upper.target),
         gzip_index=resolve(cfg.upper.gzip_index),
     )
+    _check_no_userinfo(cfg.repo_blob_url, path, "repoBlobUrl")
     if cfg.acceleration_layer and cfg.record_trace_path:
         raise ConfigError(f"{path}: accelerationLayer and recordTracePath cannot both be set")
     download = cfg.download

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno as _errno
+import re
 
 
 class ObdError(Exception):
@@ -44,13 +45,21 @@ class ConfigError(ObdError):
     """config.v1.json or overlaybd.json is malformed or names something that does not exist."""
 
 
+_USERINFO = re.compile(r"(?<=://)[^/\s@'\"<>]+@")
+
+
+def redact_userinfo(text: str) -> str:
+    """`text` with the userinfo (user:password) of every URL in it replaced by `***`."""
+    return _USERINFO.sub("***@", text)
+
+
 class RemoteError(ObdError):
-    """A registry request failed (after retries)."""
+    """A registry request failed (after retries). Message and url never carry URL userinfo."""
 
     def __init__(self, message: str, *, status: int | None = None, url: str | None = None):
         self.status = status
-        self.url = url
-        super().__init__(message)
+        self.url = None if url is None else redact_userinfo(url)
+        super().__init__(redact_userinfo(message))
 
 
 class RemoteTimeout(RemoteError, TimeoutError):

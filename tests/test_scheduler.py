@@ -577,3 +577,67 @@ async def test_a_waiters_cancel_never_cancels_a_progressive_transfer(tmp_path, b
     assert not fill.cancelled and len(f.calls) == 1
     await fill.steps.put(None)
     await s.aclose()
+
+
+async def test_fill_endgame_spreads_the_remainder_over_free_request_slots(tmp_path, blob_a):
+    """When the rest of a fill fits in the window, it goes out as many small requests at once
+    rather than a few window-sized ones that would each run at one connection's pace."""
+    url, data, digest = blob_a  # 8 MiB + 1234 bytes
+    f = FakeFetcher({url: data}, gated=True)
+    s = make_sched(tmp_path, f, concurrency=8, chunk=4 * MiB)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await f.wait_calls(8)
+    first = f.calls[:8]
+    assert sum(c.length for c in first) == len(data)  # the whole blob, in flight at once
+    assert max(c.length for c in first) <= len(data) // 8 + 4 * KiB
+    assert all(c.offset % 4096 == 0 for c in first)
+    for c in first:
+        c.release.set()
+    await s.wait_filled(b)
+    assert len(f.calls) == 8
+    with open(b.cache.path, "rb") as fh:
+        assert fh.read() == data
+    await s.aclose()
+
+
+async def test_fill_endgame_requests_a_stragglers_back_half_again(tmp_path):
+    """Every missing byte is in flight and one transfer crawls (a connection in loss
+    recovery): its back half is requested again on a fresh request, the fill completes with
+    the fresh copy, and the straggler is not waited for."""
+    data, digest = make_blob(3, 8 * MiB)
+    url = f"http://reg/v2/r/blobs/{digest}"
+    f = SteppedFetcher({url: data})
+    s = make_sched(tmp_path, f, concurrency=4, chunk=2 * MiB)
+    clock = FakeClock()
+    s.clock = clock
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await f.wait_calls(4)
+    calls = sorted(f.calls[:4], key=lambda c: c.offset)
+    assert calls[-1].end == len(data)  # the whole blob is in flight: the endgame
+    slow = calls[0]
+    # every request sees its first byte 0.2 s after it was sent; the others then finish at
+    # ~10 MB/s, while the first one delivers 64 KiB and stalls
+    clock.t += 0.2
+    for c in calls:
+        await c.steps.put(64 * KiB)
+    await until(lambda: all(t.received == 64 * KiB for t in b.inflight))
+    clock.t += 0.2
+    others = [t.task for t in b.inflight if t.start != slow.offset]
+    for c in calls[1:]:
+        await c.steps.put(None)
+    await asyncio.gather(*others)
+    # the straggler is at 320 KiB/s, the others ran at ~10 MB/s: with nothing left to hand
+    # out, the filler looks again within a round trip (the bound only turns a hang into a
+    # failure)
+    hedge = await asyncio.wait_for(f.wait_calls(5), timeout=30)
+    assert hedge.end == slow.end and slow.offset + 64 * KiB < hedge.offset < slow.end
+    assert s.stats.hedges == 1
+    await hedge.steps.put(None)
+    await slow.steps.put(hedge.offset - slow.offset)  # the straggler's front half, no more
+    await s.wait_filled(b)
+    assert not slow.done  # the fill did not wait for the straggler's own copy of the back half
+    with open(b.cache.path, "rb") as fh:
+        assert fh.read() == data
+    await s.aclose()

@@ -256,3 +256,22 @@ def test_yielding_to_foreground_does_not_ratchet_the_window_down():
     w.set_scale(sim.t, 1.0)
     sim.run(80.0)
     assert sim.rate(70, 80) >= 0.85 * 50 * MB
+
+
+@pytest.mark.parametrize("stream_cap", [12 * MB, 17 * MB, 100 * MB])
+def test_bulk_window_leaves_startup_without_idling_the_pipe(stream_cap):
+    """`fetch` (nothing else on the link): leaving STARTUP without a latency probe keeps the
+    link full through the transition, where a probing window idles it for a round trip or
+    more; the steady state is as full either way, and the window stays bounded."""
+    early, late = {}, {}
+    for drain in (True, False):
+        w = AdaptiveWindow(1 * MiB, auto_chunk=True, initial_bytes=64 * MiB, drain=drain)
+        sim = LinkSim(w, capacity=50 * MB, rtt=0.2, stream_cap=stream_cap, follow_chunk=True)
+        sim.run(30.0)
+        early[drain], late[drain] = sim.rate(0, 8), sim.rate(10, 30)
+        assert w.state is WindowState.STEADY
+        if not drain:
+            assert w.probes == 0
+            assert max(n for _, n in sim.windows) <= 96 * MiB
+    assert early[False] > early[True]
+    assert late[False] >= 0.92 * 50 * MB

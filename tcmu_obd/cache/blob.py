@@ -21,10 +21,22 @@ byte is hashed the digest is compared:
 * match, cache-dir blob: the map's `verified` flag is set; the blob is never fetched again;
 * match, layer `dir` blob: `.download` is renamed to `<dir>/overlaybd.commit` (as upstream's
   background download does) and the map is removed;
-* mismatch: every bit is cleared durably (we cannot tell which range was bad), listeners hear
-  "mismatch" and the scheduler refetches (upstream: force_download).
+* mismatch: the bits of the bad ranges are cleared durably, listeners hear "mismatch" and the
+  scheduler refetches (upstream: force_download). The bad ranges are the ZFile blocks whose
+  CRC fails when repair.locate_damage can name them; otherwise, or when the digest still fails
+  after such a repair, every range (a plain blob's digest cannot tell which range was bad).
 
 States (shown in repr): FILLING → VERIFIED, or → FILLING again after a mismatch.
+
+Disk faults: a write the disk refuses (full, read-only, failing) closes the cache directory's
+WriteGate (fileio.py) and raises CacheWriteError; the reader then gets its bytes straight
+from the registry. A data file deleted or truncated under us (an admin, a cleaner, another
+process) is noticed by an fstat on every read and write (nlink 0, size below the blob's) and
+by short reads: the lost ranges are cleared durably, the file is recreated or re-extended,
+and CacheLost tells the reader to fetch them again — a truncated file is never read as zeros.
+Residual window: a truncation that lands between our fstat and our pwrite, followed by a
+write that re-extends the file to full size, leaves a hole we cannot see; the digest check at
+the end of the fill still catches it.
 """
 
 from __future__ import annotations
@@ -38,8 +50,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from ..errors import DigestMismatch, ImageIOError
-from .fileio import DEFAULT_IO, FileIO
+from .fileio import DEFAULT_IO, FileIO, WriteGate
 from .presence import PAGE_SIZE, PresenceMap
+from .repair import locate_damage
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +73,15 @@ def background_executor() -> ThreadPoolExecutor:
 
 class SimulatedCrash(Exception):
     """Raised by a test's fault hook to stop a flush half way (see tests/cache)."""
+
+
+class CacheWriteError(ImageIOError):
+    """The cache file refused a write (disk full, read-only, I/O error): serve around the cache."""
+
+
+class CacheLost(ImageIOError):
+    """Bytes the presence map promised are gone (file deleted, truncated, unreadable); the
+    ranges are already cleared, so fetching them again is the remedy."""
 
 
 class BlobCache:
@@ -83,6 +105,7 @@ class BlobCache:
         io: FileIO = DEFAULT_IO,
         fault_hook: Callable[[str], None] | None = None,
         verify_digest: bool = True,
+        gate: WriteGate | None = None,
     ):
         self.digest = digest
         self.size = size
@@ -93,9 +116,14 @@ class BlobCache:
         self.commit_interval = commit_interval
         self.verify_digest = verify_digest and digest.startswith("sha256:")
         self._io = io
+        self.gate = gate or WriteGate(os.path.dirname(data_path) or ".")
+        self._recover_lock = asyncio.Lock()
+        self.lost = 0  # times the data file was found deleted or truncated
         self._hook = fault_hook or (lambda stage: None)
         self.listeners: list[Callable[[str], None]] = []  # "flushed" / "verified" / "mismatch"
         self.mismatches = 0
+        self.repaired_bytes = 0  # bytes dropped by a located repair after a mismatch (repair.py)
+        self._repair_tried = False
         self.bytes_written = 0
         self._pending: list[tuple[int, int]] = []
         self._pending_bytes = 0
@@ -242,12 +270,30 @@ class BlobCache:
         """pread the cached bytes (the caller made sure they are present)."""
         if self._fd < 0:
             raise ImageIOError(f"{self.digest}: cache closed", errno.EBADF)
-        if len(buf) > INLINE_IO_BYTES:
-            n = await asyncio.get_running_loop().run_in_executor(None, self._io.pread_into, self._fd, buf, offset)
-        else:
-            n = self._io.pread_into(self._fd, buf, offset)
+        end = offset + len(buf)
+        if self._file_problem() is not None:
+            await self._recover_for_read()
+            if not self.is_present(offset, end):
+                raise CacheLost(f"{self.data_path}: [{offset}, {end}) lost from the cache file")
+        lost = self.lost
+        try:
+            if len(buf) > INLINE_IO_BYTES:
+                n = await asyncio.get_running_loop().run_in_executor(None, self._io.pread_into, self._fd, buf, offset)
+            else:
+                n = self._io.pread_into(self._fd, buf, offset)
+            if lost != self.lost:
+                # the file was swapped or re-extended while a thread read it: the bytes may
+                # come from the new file's holes
+                raise CacheLost(f"{self.data_path}: [{offset}, {end}) lost from the cache file while read")
+        except OSError as e:
+            await self._drop_unreadable(offset, end, e.strerror)
+            raise CacheLost(f"cannot read cache file {self.data_path}: {e.strerror}", e.errno) from e
         if n != len(buf):
-            raise ImageIOError(f"{self.path}: short read at {offset + n}")
+            if self._file_problem() is not None:
+                await self._recover_for_read()
+            else:
+                await self._drop_unreadable(offset, end, "short read")
+            raise CacheLost(f"{self.data_path}: short read at {offset + n}: the cache file lost bytes")
 
     async def write(self, offset: int, data, *, background: bool = False) -> None:
         """Store fetched bytes at `offset`; they are readable when this returns, durable after
@@ -259,15 +305,28 @@ class BlobCache:
         n = len(data)
         if offset < 0 or offset + n > self.size:
             raise ValueError(f"write [{offset}, {offset + n}) outside blob of {self.size}")
-        gen = self._generation
+        gate = self.gate
+        if not gate.is_open:
+            err = gate.error
+            raise CacheWriteError(f"cannot write cache file {self.data_path}: {err.strerror or err} (writes paused)",
+                                  err.errno or errno.EIO)
         try:
+            # before writing: a write past a truncation would re-extend the file over a hole
+            if self._file_problem() is not None:
+                await self._recover()
+                if self.verified or self._closed:
+                    return
+            gen = self._generation
             if n > INLINE_IO_BYTES:
                 ex = background_executor() if background else None
                 await asyncio.get_running_loop().run_in_executor(ex, self._io.pwrite_all, self._fd, data, offset)
             else:
                 self._io.pwrite_all(self._fd, data, offset)
         except OSError as e:
-            raise ImageIOError(f"cannot write cache file {self.data_path}: {e.strerror}", e.errno) from e
+            gate.failed(e)
+            raise CacheWriteError(f"cannot write cache file {self.data_path}: {e.strerror}", e.errno) from e
+        if gate.closed:
+            gate.succeeded()
         if gen != self._generation or self.verified or self._closed:
             return  # discarded while we wrote: these bytes must not be marked
         self.presence.mark(offset, offset + n)
@@ -294,6 +353,8 @@ class BlobCache:
             await self.flush()
         except SimulatedCrash:
             raise
+        except OSError as e:  # the disk refuses: one warning from the gate, not one per flush
+            self.gate.failed(e)
         except Exception:  # a failed flush only loses durability, never correctness
             log.exception("%s: flushing the cache map failed", self.data_path)
         finally:
@@ -311,7 +372,17 @@ class BlobCache:
             self._pending_bytes = 0
             gen = self._generation
             self._hook("before_data_sync")
-            await loop.run_in_executor(background_executor(), self._io.fdatasync, self._fd)
+            try:
+                await loop.run_in_executor(background_executor(), self._io.fdatasync, self._fd)
+            except OSError:
+                # Linux may drop the pages a failed writeback held: these bytes cannot be
+                # trusted, in memory either, so they are fetched again when read
+                if gen == self._generation:
+                    for a, b in pending:
+                        self.presence.clear(a, b)
+                    if pending and min(a for a, _ in pending) < self._hash_pos:
+                        self._reset_hash()
+                raise
             self._hook("after_data_sync")
             if gen != self._generation:
                 return
@@ -326,6 +397,12 @@ class BlobCache:
         fd = self._map_fd
 
         def write() -> None:
+            if os.fstat(fd).st_nlink == 0:  # the map was deleted under us: write a new one
+                new = os.open(self.map_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                try:
+                    os.dup2(new, fd, inheritable=False)
+                finally:
+                    os.close(new)
             self._io.pwrite_all(fd, data, 0)
             self._io.fsync(fd)
 
@@ -394,8 +471,14 @@ class BlobCache:
             hasher = self._hasher
             try:
                 await loop.run_in_executor(background_executor(), self._hash_piece, hasher, pos, piece_end)
-            except OSError:
-                log.exception("%s: hashing failed", self.data_path)
+            except OSError as e:
+                if self._file_problem() is not None:
+                    try:
+                        await self._recover()  # clears the lost ranges; their refetch kicks us again
+                        continue
+                    except OSError as e2:
+                        e = e2
+                log.error("%s: hashing failed: %s", self.data_path, e)
                 return
             if gen == self._generation and hasher is self._hasher:
                 self._hash_pos = piece_end
@@ -403,11 +486,31 @@ class BlobCache:
     async def _finish(self, got: str) -> None:
         if self.verify_digest and got != self.digest:
             self.mismatches += 1
-            log.warning("%s: sha256 mismatch (got %s); discarding and refetching", self.digest, got)
-            await self.discard_all()
+            # Refetch only the ZFile blocks whose CRC fails (cache/repair.py); if that was
+            # tried already and the digest still fails, or nothing can be located: everything.
+            bad = None
+            if not self._repair_tried:
+                bad = await asyncio.get_running_loop().run_in_executor(
+                    background_executor(), locate_damage, self.data_path, self.size)
+            if bad:
+                self._repair_tried = True
+                self.repaired_bytes += sum(b - a for a, b in bad)
+                log.warning("%s: sha256 mismatch (got %s); refetching the %d ZFile block range(s) whose CRC "
+                            "fails: %s", self.digest, got, len(bad), bad[:8])
+                for a, b in bad:
+                    await self.discard_range(a, b)
+            else:
+                self._repair_tried = False
+                log.warning("%s: sha256 mismatch (got %s); discarding and refetching", self.digest, got)
+                await self.discard_all()
             self._notify("mismatch")
             return
+        gen = self._generation  # a discard from here on (file lost under us) voids this verdict
         await self.flush()
+        if self._file_problem() is not None:
+            await self._recover()  # bumps the generation and restarts hashing
+        if gen != self._generation:
+            return
         if self.commit_path:
             loop = asyncio.get_running_loop()
 
@@ -430,8 +533,16 @@ class BlobCache:
                 os.close(self._map_fd)
                 self._map_fd = -1
         else:
-            self.durable.verified = True
-            await self._write_map()
+            async with self._flush_lock:  # ordered with discard_range's map writes
+                if gen != self._generation:
+                    return
+                self.durable.verified = True
+                try:
+                    await self._write_map()
+                except OSError as e:  # only durability is lost: the next run hashes again
+                    self.gate.failed(e)
+        if gen != self._generation:
+            return
         self.verified = True
         self.presence.verified = True
         self._verified_event.set()
@@ -448,6 +559,92 @@ class BlobCache:
     def check_digest_error(self) -> DigestMismatch | None:
         return DigestMismatch(f"{self.digest}: sha256 mismatch") if self.mismatches else None
 
+    # --- files changed under us -------------------------------------------------------------------
+    def _file_problem(self) -> tuple[str, int] | None:
+        """("deleted", 0) or ("truncated", size) when the data file no longer holds what the
+        presence map says; None when it does. One fstat: cheap enough for every read."""
+        if self._fd < 0 or self._closed or (self.verified and self.commit_path):
+            return None  # a committed layer file is the layer's storage, not a cache to heal
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return None
+        if st.st_nlink == 0:
+            return ("deleted", 0)
+        if st.st_size < self.size:
+            return ("truncated", st.st_size)
+        return None
+
+    def _unverify(self) -> None:
+        if self.verified:
+            self.verified = False
+            self.presence.verified = False
+            self.durable.verified = False
+            self._verified_event = asyncio.Event()
+
+    async def _recover(self) -> None:
+        """Drop what a deleted or truncated data file lost, durably, then make the file whole
+        again (a fresh file at data_path, or the old one re-extended with a hole) so the lost
+        ranges are fetched again. The map is cleared *before* the file regains its size: a
+        crash in between leaves a size mismatch, which the next open treats as "nothing cached"."""
+        async with self._recover_lock:
+            problem = self._file_problem()
+            if problem is None:
+                return  # another reader recovered first
+            what, kept = problem
+            lost_from = 0 if what == "deleted" else kept - kept % PAGE_SIZE
+            self.lost += 1  # first: readers in threads compare it after their pread
+            self._generation += 1  # and a digest verdict in progress is void
+            log.warning("%s: cache file %s %s while in use: dropping [%d, %d) and fetching it again",
+                        self.digest[:19], self.data_path,
+                        "deleted" if what == "deleted" else f"truncated to {kept} bytes", lost_from, self.size)
+            if what == "deleted":
+                new = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    os.ftruncate(new, 0)
+                    # swap the inode under our fd number: a write racing in a thread lands in
+                    # one file or the other (void either way: discard bumps the generation),
+                    # never in an unrelated file that reused a closed fd number
+                    os.dup2(new, self._fd, inheritable=False)
+                finally:
+                    os.close(new)
+            self._unverify()
+            try:
+                await self.discard_range(lost_from, self.size)
+            except OSError as e:
+                # the durable map still promises the lost bytes: a restart must not trust it
+                self.gate.failed(e)
+                try:
+                    os.unlink(self.map_path)
+                except OSError:
+                    pass
+            os.ftruncate(self._fd, self.size)
+
+    async def _recover_for_read(self) -> None:
+        try:
+            await self._recover()
+        except OSError as e:  # cannot even make a new file: the reader goes to the registry
+            raise CacheLost(f"{self.data_path}: lost under us and cannot be recreated: {e.strerror}",
+                            e.errno) from e
+
+    async def _drop_unreadable(self, start: int, end: int, why: str) -> None:
+        """A pread failed (EIO, short) with the file intact: refetching rewrites those pages."""
+        a, b = start - start % PAGE_SIZE, min(-(-end // PAGE_SIZE) * PAGE_SIZE, self.size)
+        log.warning("%s: cannot read [%d, %d) of %s (%s): fetching it again", self.digest[:19], a, b,
+                    self.data_path, why)
+        self._unverify()
+        try:
+            await self.discard_range(a, b)
+        except OSError as e:
+            self.gate.failed(e)
+
+    async def check_files(self) -> bool:
+        """Look for a deleted/truncated data file now; True if one was found (and handled)."""
+        if self._file_problem() is None:
+            return False
+        await self._recover()
+        return True
+
     # --- close ---------------------------------------------------------------------------------
     async def aclose(self) -> None:
         """Flush pending writes durably and close the files (idempotent)."""
@@ -458,6 +655,8 @@ class BlobCache:
             self._timer = None
         try:
             await self.flush()
+        except OSError as e:
+            log.warning("%s: final flush failed: %s", self.data_path, e)
         except Exception:
             log.exception("%s: final flush failed", self.data_path)
         self._closed = True
@@ -488,4 +687,4 @@ class BlobCache:
                 setattr(self, name, -1)
 
 
-__all__ = ["BlobCache", "SimulatedCrash", "PAGE_SIZE"]
+__all__ = ["BlobCache", "CacheLost", "CacheWriteError", "SimulatedCrash", "PAGE_SIZE"]

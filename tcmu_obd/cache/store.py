@@ -14,6 +14,11 @@ waterMark = max(0.9·C, C − 50 GiB), riskMark = max(C − 5 GiB, (waterMark + 
 reaches riskMark (checked after every flush), or exceeds waterMark at a periodic check (10 s),
 whole blobs are removed least-recently-used first until usage ≤ waterMark. A blob that is
 open (in use by an image or the filler) is never evicted. Capacity 0 means unbounded.
+
+A disk that refuses writes (full below cacheSizeGB, read-only, failing) closes the store's
+WriteGate, shared by every blob in the cache dir: reads bypass the cache until a probe write
+succeeds (fileio.py). When the gate closes, unused blobs (LRU first) are evicted until a tenth
+of the cache's usage is given back, so a cache that shares a full disk makes room first.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import ImageIOError
+from ..config import is_digest
+from ..errors import ConfigError, ImageIOError
 from .blob import BlobCache
-from .fileio import DEFAULT_IO, FileIO
+from .fileio import DEFAULT_IO, FileIO, WriteGate
 from .presence import HEADER, HEADER_SIZE, MAGIC
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,7 @@ class CacheStore:
         self._io = io
         self._clock = clock
         self._fault_hook = fault_hook
+        self.gate = WriteGate(cache_dir, on_close=self._on_disk_full)
         self._entries: dict[str, _Entry] = {}
         self._dir_blobs: dict[str, tuple[BlobCache, list[int]]] = {}  # dir → (blob, [refs])
         self._last_evict = clock()
@@ -131,7 +138,11 @@ class CacheStore:
         """The BlobCache for `digest` (shared, reference counted; release() when done).
 
         With `dir`, the blob lives in `<dir>/.download` → `<dir>/overlaybd.commit`.
+        Raises ConfigError for a digest that is not `sha256:` + 64 lowercase hex: it becomes
+        a file name here, so "../x" or "a/b" must never reach os.path.join.
         """
+        if not is_digest(digest):
+            raise ConfigError(f"blob digest {digest!r} is not sha256:<64 lowercase hex digits>")
         kw = dict(
             commit_bytes=self.commit_bytes,
             commit_interval=self.commit_interval,
@@ -164,7 +175,7 @@ class CacheStore:
             e.last_used = self._clock()
             return e.blob
         path = os.path.join(self.cache_dir, key)
-        blob = BlobCache(digest=digest, size=size, data_path=path, map_path=path + ".map", **kw)
+        blob = BlobCache(digest=digest, size=size, data_path=path, map_path=path + ".map", gate=self.gate, **kw)
         if e is None:
             e = _Entry(key, 0, self._clock())
             self._entries[key] = e
@@ -216,6 +227,13 @@ class CacheStore:
             self._last_evict = now
             return self.evict_to(water)
         return []
+
+    def _on_disk_full(self) -> None:
+        """The gate just closed: give back what unused blobs hold (LRU) before bypassing."""
+        used = self.usage_bytes
+        unused = sum(e.used_bytes for e in self._entries.values() if e.blob is None and e.refs <= 0)
+        if unused:
+            self.evict_to(max(used * 9 // 10, used - unused))
 
     def evict_to(self, target: int) -> list[str]:
         """Remove unused blobs, least recently used first, until usage ≤ target."""

@@ -51,10 +51,10 @@ def _octal(field: bytes, what: str, source: str | None, offset: int) -> int:
     text = field.replace(b"\0", b" ").strip()
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise FormatError(f"tar {what} field {field!r} is not octal", source=source, offset=offset) from None
+    # int() alone would also take a sign, "0o" and "_" ("-1" made a negative size).
+    if text.strip(b"01234567"):
+        raise FormatError(f"tar {what} field {field!r} is not octal", source=source, offset=offset)
+    return int(text, 8)
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -136,13 +136,11 @@ def detect(
         second = data[2 * BLOCK:3 * BLOCK]
         name = records.get("path") or _name(second)
         if "size" in records:
-            try:
-                size = int(records["size"])
-            except ValueError:
-                raise FormatError(f"PAX size {records['size']!r} is not a number",
-                                  source=source, offset=BLOCK) from None
-            if size < 0:
-                raise FormatError("PAX size is negative", source=source, offset=BLOCK)
+            text = records["size"]
+            # Plain ASCII digits only: int() would also take signs, "_" and non-ASCII digits.
+            if not (text.isascii() and text.isdigit()):
+                raise FormatError(f"PAX size {text!r} is not a decimal number", source=source, offset=BLOCK)
+            size = int(text)
         else:
             size = _octal(second[124:136], "size", source, 2 * BLOCK + 124)
         payload = TarPayload(PAX_PAYLOAD_OFFSET, size, name, True)

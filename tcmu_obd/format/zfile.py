@@ -404,8 +404,10 @@ def _load_system_lz4():
         import ctypes
         import ctypes.util
 
-        name = ctypes.util.find_library("lz4") or "liblz4.so.1"
-        lib = ctypes.CDLL(name)
+        try:  # the soname first: find_library runs `ldconfig -p`, tens of ms at every start
+            lib = ctypes.CDLL("liblz4.so.1")
+        except OSError:
+            lib = ctypes.CDLL(ctypes.util.find_library("lz4") or "liblz4.so")
         fn = lib.LZ4_compress_default
         bound = lib.LZ4_compressBound
     except (OSError, AttributeError):

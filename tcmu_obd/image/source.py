@@ -120,5 +120,11 @@ class SliceSource:
             raise ImageIOError(f"{self.name}: read [{offset}, {offset + len(buf)}) past end {self.size}")
         await self.inner.read_into(self.start + offset, buf)
 
+    async def invalidate(self, offset: int, length: int) -> None:
+        """Forward to the inner source when it caches (see RemoteBlobSource.invalidate)."""
+        inv = getattr(self.inner, "invalidate", None)
+        if inv is not None:
+            await inv(self.start + offset, length)
+
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -8,7 +8,8 @@ discard appends a zeroed record. The in-memory `segment_map` is the replay of th
 Records go to disk strictly after their data, so a crash can leave unreferenced bytes at
 the end of the data file (harmless: the next write appends after them) or a torn last
 index record (ignored on open and cut off before we append again) but never a record
-pointing at garbage. Nothing is fsynced until `fsync()`; a write is acknowledged once
+pointing at garbage. A data file whose unflushed tail was lost (shorter than its last
+records say) has those last records dropped at open; flushed writes are never among them. Nothing is fsynced until `fsync()`; a write is acknowledged once
 both files have the bytes.
 
 Sparse layer (`-s`): the data file is a 1:1 sparse copy of the disk at byte 4096+offset;
@@ -216,8 +217,22 @@ class WritableLayer:
         index_end = HT_SIZE + count * lsmt.ENTRY_SIZE
         if torn:
             log.warning("%s: ignoring a torn %d-byte record at offset %d", isrc, torn, index_end)
-            if not read_only:
-                os.ftruncate(ifd, index_end)
+        # A torn tail of the data file: the last records point past its end (a crash, or a
+        # filesystem that lost the unsynced end of the data). Their writes were never flushed
+        # (a flush syncs the data before the index), so they are dropped; an out-of-bounds
+        # record followed by a good one is corruption and still fails in the replay below.
+        dropped = 0
+        while index_end > HT_SIZE:
+            last = list(lsmt.iter_entries(_pread_exact(ifd, lsmt.ENTRY_SIZE, index_end - lsmt.ENTRY_SIZE)))
+            if not last or lsmt.moffset_in_bounds(last[0][1], lsmt.DATA_START_SECTOR, data_sectors):
+                break
+            index_end -= lsmt.ENTRY_SIZE
+            dropped += 1
+        if dropped:
+            log.warning("%s: dropping the last %d record(s): they point past the end of the data file "
+                        "(%d sectors), whose tail was lost", isrc, dropped, data_sectors)
+        if (torn or dropped) and not read_only:
+            os.ftruncate(ifd, index_end)
         sm = SegmentMap()
         pos = HT_SIZE
         chunk = (_READ_CHUNK // lsmt.ENTRY_SIZE) * lsmt.ENTRY_SIZE

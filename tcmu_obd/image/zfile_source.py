@@ -17,7 +17,8 @@ Theory of operation:
   a thread hop costs more than that); a batch with more than `inline_decode_bytes` of output
   goes to a small shared thread pool, since lz4/zstd/crc32c release the GIL.
 * A batch that fails its CRC or does not decompress is read again once (a transient bad read
-  from a cache or network); if it fails again the error is raised: ChecksumError/FormatError
+  from a cache or network; an inner source with `invalidate(offset, length)`, the registry
+  cache, first drops the bad bytes so they are fetched again); if it fails again the error is raised: ChecksumError/FormatError
   naming the blob, the block index and the block's offset in the ZFile.
 
 Cancel invariant: the LRU and the in-flight map are only changed synchronously (when a batch
@@ -171,6 +172,11 @@ class ZFileSource:
                 if attempt:
                     raise
                 self.retries += 1  # one fresh read before giving up: the bytes may have been torn
+                # a caching inner source (registry blob) would hand back the same wrong bytes:
+                # have it drop them so the fresh read really goes back to the registry
+                invalidate = getattr(self.inner, "invalidate", None)
+                if invalidate is not None:
+                    await invalidate(batch.offset, batch.length)
         raise AssertionError("unreachable")
 
     def _plan(self, missing: list[int]) -> list[zf.ReadBatch]:

@@ -32,6 +32,7 @@ import aiohttp
 
 from ..errors import AuthError, RemoteError, RemoteTimeout
 from .credentials import CredentialProvider
+from .redact import describe, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class Authenticator:
         except asyncio.TimeoutError as e:
             raise RemoteTimeout(f"token request to {realm} for {url} timed out", url=url) from e
         except aiohttp.ClientError as e:
-            raise RemoteError(f"token request to {realm} for {url} failed: {e!r}", url=url) from e
+            raise RemoteError(f"token request to {redact_url(realm)} for {url} failed: {describe(e)}", url=url) from e
         if status != 200:
             raise AuthError(f"Authentication failed: token server {realm} answered {status} for {url}"
                             f"{' (credentials rejected)' if status in (401, 403) and cred else ''}",

@@ -37,6 +37,7 @@ import aiohttp
 
 from ..config import CredentialConfig
 from ..errors import RemoteError
+from .redact import describe
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class CredentialProvider:
                 if resp.status != 200:
                     raise CredentialError(f"{where} answered {resp.status} for {url}", status=resp.status, url=url)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise CredentialError(f"{where} failed for {url}: {e!r}", url=url) from e
+            raise CredentialError(f"{where} failed for {url}: {describe(e)}", url=url) from e
         try:
             obj = json.loads(body)
         except ValueError as e:

@@ -56,6 +56,7 @@ from ..config import GlobalConfig
 from ..errors import AuthError, RemoteError, RemoteTimeout
 from .auth import Authenticator
 from .credentials import CredentialProvider
+from .redact import describe, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class ClientStats:
     reresolves: int = 0  # cached locations dropped after the storage host refused them
     mirror_fallbacks: int = 0
     errors: int = 0  # reads that raised
+    retries_by_cause: dict = field(default_factory=dict)  # retry_cause(reason) -> count
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -138,6 +140,21 @@ class _Retry(Exception):
         self.reason = reason
         self.delay = delay
         self.progress = progress
+
+
+def retry_cause(reason: str) -> str:
+    """The metrics label of a retry reason (the `_Retry`/except texts in _fetch)."""
+    if reason.startswith(("429", "503")):
+        return "throttled"
+    if reason.startswith("server error"):
+        return "server_error"
+    if reason.startswith("timed out"):
+        return "timeout"
+    if reason.startswith("connection failed"):
+        return "connection"
+    if reason.startswith(("body of", "short body")):
+        return "broken_body"
+    return "other"
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -426,7 +443,7 @@ class RegistryClient:
                                 if on_progress is not None:
                                     on_progress(pos)
                         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                            raise _Retry(f"body of bytes={start}-{last} broke after {got} bytes: {e!r}",
+                            raise _Retry(f"body of bytes={start}-{last} broke after {got} bytes: {describe(e)}",
                                          progress=got > 0) from e
                         if pos < n:
                             raise _Retry(f"short body: {got} of {want} bytes for bytes={start}-{last}",
@@ -497,17 +514,17 @@ class RegistryClient:
                 reason, delay, progress = r.reason, r.delay, r.progress
                 st.last = r.__cause__
             except aiohttp.ClientConnectorCertificateError as e:
-                raise RemoteError(f"{target}: TLS certificate verification failed: {e}", url=url) from e
+                raise RemoteError(f"{redact_url(target)}: TLS certificate verification failed: {e}", url=url) from e
             except aiohttp.ClientSSLError as e:
-                raise RemoteError(f"{target}: TLS error: {e}", url=url) from e
+                raise RemoteError(f"{redact_url(target)}: TLS error: {e}", url=url) from e
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
-                reason, delay, progress = f"timed out: {e!r}" if str(e) else "timed out", None, False
+                reason, delay, progress = f"timed out: {describe(e)}" if str(e) else "timed out", None, False
                 st.last = e
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                reason, delay, progress = f"connection failed: {e!r}", None, False
+                reason, delay, progress = f"connection failed: {describe(e)}", None, False
                 st.last = e
             except aiohttp.InvalidURL as e:
-                raise RemoteError(f"{target}: invalid URL", url=url) from e
+                raise RemoteError(f"{redact_url(target)}: invalid URL", url=url) from e
             # ---- retry bookkeeping
             st.notes.append(reason)
             if loc is not None and not progress:
@@ -525,6 +542,8 @@ class RegistryClient:
                     status = 429 if reason.startswith("429") else 503 if reason.startswith("503") else None
                     raise RemoteError(msg, status=status, url=url) from st.last
             self.stats.retries += 1
+            cause = retry_cause(reason)
+            self.stats.retries_by_cause[cause] = self.stats.retries_by_cause.get(cause, 0) + 1
             if delay is None:
                 if progress:
                     delay = 0.0

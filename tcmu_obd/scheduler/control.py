@@ -132,12 +132,16 @@ class AdaptiveWindow(FixedWindow):
         min_chunk: int = 256 << 10,
         max_chunk: int = 4 << 20,
         chunk_bdp_fraction: float = 1.0,
+        drain: bool = True,
     ):
         # auto_chunk: the request size (`chunk`, read by the filler before each request)
         # follows the link: a power of two near `chunk_bdp_fraction` × rate × RTT, in
         # [min_chunk, max_chunk]; RTT is the minimum time to first byte when the caller
         # reports it (on_complete(ttfb=...)), else the chunk latency floor.
         self.auto_chunk = auto_chunk
+        # drain=False (the scheduler's default): never empty the pipe to measure the latency
+        # floor; see _steady_without_probe
+        self.drain = drain
         self.min_chunk, self.max_chunk = min_chunk, max(min_chunk, max_chunk)
         self.chunk_bdp_fraction = chunk_bdp_fraction
         self.chunk_changes = 0
@@ -270,7 +274,7 @@ class AdaptiveWindow(FixedWindow):
                 return
             if self._base is None or latency <= self._base:
                 self._base, self._base_stamp = latency, now
-            elif self.state is WindowState.STEADY and now - self._base_stamp > self.base_window_s:
+            elif self.drain and self.state is WindowState.STEADY and now - self._base_stamp > self.base_window_s:
                 # the floor is stale and may hide a queue: drain to min_bytes for one request
                 # so the next one measures an empty pipe (BBR's ProbeRTT, for requests)
                 self._enter_probe(now, saved=self.window_bytes)
@@ -295,6 +299,22 @@ class AdaptiveWindow(FixedWindow):
         ):
             self._fg_cut_round = self.rounds
             self._clamp(self.window_bytes * 0.7)
+
+    def _steady_without_probe(self, now: float, lat: float) -> None:
+        """To STEADY without a latency probe (end of STARTUP, or a new request size). A probe idles most of the pipe for a round
+        trip or more (a second of a 7 s transfer on a 200 ms link), which buys nothing when no
+        device read shares the link. The floor is estimated instead: a request through an
+        empty pipe takes about one RTT plus its own bytes at the measured rate; the window
+        keeps what STARTUP reached until STEADY's latency rule trims the queue."""
+        rtt = self._rtt if self._rtt is not None else lat
+        # at least the round's median: one stream's rate is unknown (a per-stream cap would
+        # make RTT + chunk / rate an underestimate, and the window would shrink below the
+        # BDP); a queued estimate only errs towards more in flight, and falls as STEADY sees
+        # faster requests
+        self._base = max(min(lat, self._base or lat), rtt + self.chunk / max(self.max_rate, 1.0))
+        self._base_stamp = now
+        self.state = WindowState.STEADY
+        self._clamp(max(self.window_bytes, self.max_rate * self._base * self._gain + self._slack()))
 
     def _enter_probe(self, now: float, saved: int | None) -> None:
         self.state = WindowState.PROBE_LATENCY
@@ -385,6 +405,9 @@ class AdaptiveWindow(FixedWindow):
                 # auto_chunk: the request size is chosen here, so the probe measures its floor
                 if self.auto_chunk:
                     self._set_chunk(self.chunk_target())
+                if not self.drain:
+                    self._steady_without_probe(now, lat)
+                    return
                 self._enter_probe(now, saved=None)
             return
         # STEADY: bandwidth-delay product of the request pipe times an adaptive gain. The gain
@@ -401,6 +424,9 @@ class AdaptiveWindow(FixedWindow):
             self._chunk_votes = self._chunk_votes + 1 if off else 0
             if self._chunk_votes >= 3:
                 self._set_chunk(target)
+                if not self.drain:
+                    self._steady_without_probe(now, lat)
+                    return
                 self._enter_probe(now, saved=None)
                 return
         if lat > base * self.high:

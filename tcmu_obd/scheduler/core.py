@@ -58,11 +58,14 @@ import logging
 import os
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..cache import BlobCache, CacheStore
+from ..cache.blob import CacheWriteError
 from ..errors import AuthError, ConfigError, DigestMismatch, ImageIOError, ObdError, RemoteError
+from ..ops.audit import SLOW_READ_SECONDS, audit
 from .control import AdaptiveWindow, FixedWindow, TokenBucket
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,9 @@ PAGE = 4096
 # a progressive transfer writes what has arrived to the cache in pieces of at least this
 # (sooner when a reader waits for it)
 WRITE_PIECE = 512 * 1024
+# ... or after this long since its last piece, so a process killed mid-fill loses about this
+# much of each transfer (plus the cache's commit interval), not up to a whole piece
+PIECE_SECONDS = 0.1
 
 
 class Priority(enum.IntEnum):
@@ -108,9 +114,21 @@ class SchedulerOptions:
     max_concurrency: int = 64
     max_inflight_bytes: int = 256 * MiB
     fixed_concurrency: int = 16
-    fg_yield: float = 0.5
+    fg_yield: float = 0.75
     fg_attempts: int = 3
+    # A fill gives up on transient failures (connection refused, 5xx, timeouts) only after
+    # tryCnt consecutive failed rounds *and* this many seconds of failing: a registry that is
+    # away for a minute or two (restart, failover) must not end the fill for good.
+    fill_outage_grace: float = 300.0
+    # fill endgame: request a straggler's back half again only if that saves this many seconds
+    hedge_min_gain: float = 0.5
     max_mbps: float | None = None  # None: from download.maxMBps
+    # latency_probes: the adaptive window drains the pipe to measure its latency floor (BBR's
+    # Drain and ProbeRTT; AdaptiveWindow(drain=True)). Off by default: the floor is estimated
+    # instead, and each probe idled the link for a round trip or more (on the 200 ms rig: the
+    # filler beside device reads went from 30.5 to 37.5 MB/s with their p90 within 1.1-1.4x of
+    # an idle link's either way; docs/scheduler.md)
+    latency_probes: bool = False
 
     def make_window(self, block_size: int):
         if self.mode == "upstream":
@@ -123,11 +141,11 @@ class SchedulerOptions:
             return AdaptiveWindow(
                 self.initial_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
                 auto_chunk=True, min_chunk=self.min_chunk, max_chunk=self.max_chunk,
-                initial_bytes=self.initial_requests * self.initial_chunk,
+                initial_bytes=self.initial_requests * self.initial_chunk, drain=self.latency_probes,
             )
         return AdaptiveWindow(
             self.fill_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
-            initial_bytes=self.initial_requests * self.fill_chunk,
+            initial_bytes=self.initial_requests * self.fill_chunk, drain=self.latency_probes,
         )
 
     @property
@@ -156,12 +174,28 @@ class SchedulerStats:
     started_at: float = field(default_factory=time.monotonic)
 
     fg_latency_sum: float = 0.0
+    # reads (through ensure) that found bytes missing from the cache; hits are counted per
+    # blob (RemoteBlob.reads - RemoteBlob.misses). read_wait_*: how long foreground misses
+    # waited for the registry, same buckets as fg_latency (ops/ exports both).
+    misses: int = 0
+    miss_bytes: int = 0
+    read_wait_counts: list = field(default_factory=lambda: [0] * 10)
+    read_wait_sum: float = 0.0
+    slow_reads: int = 0
+    hedges: int = 0  # fill endgame: straggling transfers whose back half was requested again
 
     def observe_fg(self, latency: float) -> None:
         self.fg_latency_sum += latency
         for i, b in enumerate(self.fg_latency_buckets):
             if latency <= b:
                 self.fg_latency_counts[i] += 1
+                return
+
+    def observe_wait(self, seconds: float) -> None:
+        self.read_wait_sum += seconds
+        for i, b in enumerate(self.fg_latency_buckets):
+            if seconds <= b:
+                self.read_wait_counts[i] += 1
                 return
 
     @property
@@ -180,7 +214,8 @@ class Transfer:
     """
 
     __slots__ = ("blob", "start", "end", "priority", "task", "admit", "counted", "queued_at", "sent_at",
-                 "first_byte_at", "received", "written", "waiters", "wake", "overlay", "__weakref__")
+                 "first_byte_at", "received", "written", "waiters", "wake", "overlay", "hedged", "piece_at",
+                 "__weakref__")
 
     def __init__(self, blob: "RemoteBlob", start: int, end: int, priority: Priority):
         self.blob, self.start, self.end, self.priority = blob, start, end, priority
@@ -192,9 +227,11 @@ class Transfer:
         self.first_byte_at: float | None = None
         self.received = 0
         self.written = start
+        self.piece_at = 0.0  # when the last piece was written (or the first byte came)
         self.waiters: list[tuple[int, asyncio.Future]] = []
         self.wake: asyncio.Future | None = None
         self.overlay = False
+        self.hedged = False  # the back part of its range was requested again (fill endgame)
 
     def __repr__(self) -> str:
         state = "queued" if self.admit is not None and not self.admit.done() else "active"
@@ -213,12 +250,20 @@ class RemoteBlob:
         self.fill_state = FillState.IDLE
         self.fill_cursor = 0
         self.fill_errors = 0
+        self.fill_failing_since = 0.0  # when the current streak of failed rounds began
         self.fill_attempts = 0
         self.fill_paused_until = 0.0
         self.fill_error: BaseException | None = None
         self.try_cnt = 5
         self.fill_done: asyncio.Future | None = None
         self.delay_task: asyncio.Task | None = None
+        # observability (ops/): reads through the cache, misses among them, bytes fetched by priority
+        self.reads = 0
+        self.read_bytes = 0
+        self.misses = 0
+        self.miss_bytes = 0
+        self.fetched = [0] * len(Priority)
+        self.fill_started_at: float | None = None
 
     # in-flight table (disjoint ranges)
     def add(self, t: Transfer) -> None:
@@ -262,6 +307,14 @@ def _align_up(x: int, a: int) -> int:
     return -(-x // a) * a
 
 
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+def live_schedulers() -> list["Scheduler"]:
+    """The process's open schedulers (what ops/ exports; nobody has to hand them over)."""
+    return [s for s in list(_LIVE) if not s._closed]
+
+
 class Scheduler:
     """One per daemon. `fetcher`: RegistryClient (or any Fetcher); `cache`: CacheStore."""
 
@@ -285,7 +338,10 @@ class Scheduler:
         except (TypeError, ValueError):
             self._progressive = False
         self._fg_est: float | None = None  # smoothed latency of a fresh refill-sized foreground GET
+        self._fill_ttfb: float | None = None  # least time to first byte of a background GET
+        self._fill_flow_rate = 0.0  # smoothed body rate of one background GET (bytes/s)
         self.overlays = 0  # foreground GETs that overlapped a slow background transfer
+        self.invalidated_bytes = 0  # cached bytes dropped after failing a ZFile CRC (RemoteBlobSource)
         # Foreground must never queue for an HTTP connection behind the fill: keep some of the
         # client's connection pool out of the background's reach.
         pool = getattr(fetcher, "max_connections", None)
@@ -307,6 +363,8 @@ class Scheduler:
         self._closed = False
         self._owned: list = []  # closed last by aclose (see create())
         self.clock = time.monotonic
+        self.slow_read_seconds = SLOW_READ_SECONDS  # a foreground miss waiting longer is audited
+        _LIVE.add(self)
 
     @classmethod
     async def create(cls, global_config, options: SchedulerOptions | None = None) -> "Scheduler":
@@ -377,6 +435,25 @@ class Scheduler:
         """
         b = self._blob_of(blob)
         end = min(offset + length, b.size)
+        if b.cache.is_present(offset, end):
+            return
+        b.misses += 1
+        b.miss_bytes += end - offset
+        self.stats.misses += 1
+        self.stats.miss_bytes += end - offset
+        if priority != Priority.FOREGROUND:
+            return await self._ensure(b, offset, end, priority)
+        started = self.clock()
+        try:
+            await self._ensure(b, offset, end, priority)
+        finally:
+            waited = self.clock() - started
+            self.stats.observe_wait(waited)
+            if waited >= self.slow_read_seconds:
+                self.stats.slow_reads += 1
+                audit("slow_read", digest=b.digest, offset=offset, length=end - offset, seconds=waited)
+
+    async def _ensure(self, b: RemoteBlob, offset: int, end: int, priority: Priority) -> None:
         failures = 0
         while not b.cache.is_present(offset, end):
             if b.cache.closed or self._closed:
@@ -568,13 +645,14 @@ class Scheduler:
             ready = _align_down(ready, PAGE)
         if ready <= t.written:
             return
-        if ready - t.written >= WRITE_PIECE or ready >= t.end or any(need <= ready for need, _ in t.waiters):
+        if (ready - t.written >= WRITE_PIECE or ready >= t.end or any(need <= ready for need, _ in t.waiters)
+                or self.clock() - t.piece_at >= PIECE_SECONDS):
             t.wake.set_result(None)
 
     def _on_progress(self, t: Transfer, n: int) -> None:
         if n > t.received:
             if t.received == 0:
-                t.first_byte_at = self.clock()
+                t.first_byte_at = t.piece_at = self.clock()
             t.received = n
             self._kick(t)
 
@@ -591,6 +669,7 @@ class Scheduler:
         await b.cache.write(a, view[a - t.start : ready - t.start],
                             background=t.counted or t.priority != Priority.FOREGROUND)
         t.written = ready
+        t.piece_at = self.clock()
         self._wake_waiters(t)
 
     async def _fetch_into(self, t: Transfer, view: memoryview) -> None:
@@ -611,6 +690,11 @@ class Scheduler:
                 self._kick(t)
                 await asyncio.wait((fetch, t.wake), return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
+                    await self._write_ready(t, view, final=False)
+            if not fetch.cancelled() and fetch.exception() is not None:
+                # keep what arrived before the failure (the registry went away mid-body): the
+                # next attempt then asks only for the rest
+                with contextlib.suppress(Exception):
                     await self._write_ready(t, view, final=False)
             fetch.result()
             t.received = len(view)
@@ -644,10 +728,16 @@ class Scheduler:
             latency = self.clock() - started
             ttfb = (t.first_byte_at - started) if t.first_byte_at is not None else None
             self.stats.bytes_fetched[t.priority] += n
+            b.fetched[t.priority] += n
             self.stats.requests[t.priority] += 1
             if t.counted:
                 self.window.on_complete(self.clock(), n, latency, ttfb=ttfb)
                 t.counted = False
+                if ttfb is not None and latency > ttfb:
+                    # what a fresh background request costs (fill endgame, _hedge_pick)
+                    self._fill_ttfb = ttfb if self._fill_ttfb is None else min(self._fill_ttfb, ttfb)
+                    flow = n / (latency - ttfb)
+                    self._fill_flow_rate = flow if not self._fill_flow_rate else 0.8 * self._fill_flow_rate + 0.2 * flow
             else:
                 self.window.on_foreground(self.clock(), n, latency)
                 self.stats.observe_fg(latency)
@@ -734,6 +824,8 @@ class Scheduler:
             self._filler = asyncio.get_running_loop().create_task(self._fill_loop(), name="filler")
         self._fill_wake.set()
         log.info("%s: background fill started (%d bytes, %d present)", b.digest[:19], b.size, b.cache.present_bytes)
+        b.fill_started_at = self.clock()
+        audit("fill_start", digest=b.digest, size=b.size, present=b.cache.present_bytes)
 
     def stop_fill(self, source) -> None:
         b = self._blob_of(source)
@@ -755,6 +847,8 @@ class Scheduler:
 
     def _on_cache_event(self, b: RemoteBlob, event: str) -> None:
         if event == "verified":
+            took = {} if b.fill_started_at is None else {"seconds": self.clock() - b.fill_started_at}
+            audit("fill_done", digest=b.digest, size=b.size, verified="sha256", **took)
             if b.fill_state is not FillState.IDLE:
                 b.fill_state = FillState.DONE
             if b in self._fill_order:
@@ -763,6 +857,7 @@ class Scheduler:
                 b.fill_done.set_result(None)
             self._fill_wake.set()  # upstream mode: the next layer may start now
         elif event == "mismatch":
+            audit("verify_failed", digest=b.digest, size=b.size, attempt=b.fill_attempts + 1)
             b.fill_attempts += 1
             b.fill_cursor = 0
             tries = b.try_cnt
@@ -773,12 +868,22 @@ class Scheduler:
     def _fill_failed(self, b: RemoteBlob, err: BaseException) -> None:
         if self.clock() < b.fill_paused_until:
             return  # a sibling request of the same failed round: already counted
+        if isinstance(err, CacheWriteError):
+            # the cache disk refuses writes (full, read-only): nothing wrong with the blob or
+            # the registry, so it does not count toward tryCnt; the fill waits for the disk
+            # (one probing request per interval, _fill_blocked_by_disk) and resumes
+            b.fill_paused_until = self.clock() + 1.0
+            asyncio.get_running_loop().call_later(1.0, self._fill_wake.set)
+            return
+        if b.fill_errors == 0:
+            b.fill_failing_since = self.clock()
         b.fill_errors += 1
         tries = b.try_cnt
         status = getattr(err, "status", None)
         permanent = isinstance(err, AuthError) or (status is not None and 400 <= status < 500 and status not in (408, 429))
         # the registry client already retried transient errors; tryCnt rounds on top of that
-        if permanent or b.fill_errors >= tries:
+        outage = self.clock() - b.fill_failing_since
+        if permanent or (b.fill_errors >= tries and outage >= self.options.fill_outage_grace):
             self._give_up(b, err)
             return
         backoff = min(5.0, 0.05 * 2 ** min(b.fill_errors, 7))
@@ -787,6 +892,7 @@ class Scheduler:
 
     def _give_up(self, b: RemoteBlob, err: BaseException) -> None:
         log.error("%s: background fill failed: %s", b.digest[:19], err)
+        audit("fill_failed", digest=b.digest, size=b.size, error=str(err))
         b.fill_state = FillState.FAILED
         b.fill_error = err
         if b in self._fill_order:
@@ -795,13 +901,40 @@ class Scheduler:
             b.fill_done.set_exception(err)
 
     def _chunk_size(self) -> int:
-        return self.window.chunk if self._auto_chunk else self.fill_chunk
+        chunk = self.window.chunk if self._auto_chunk else self.fill_chunk
+        if self.options.mode == "upstream":
+            return chunk
+        # Endgame: once the rest of the fill fits in the window, spread it over the free request
+        # slots. Otherwise the last bytes ride a few big requests at one connection's pace each,
+        # with the rest of the link idle (on a 200 ms link that tail was ~1 s of a 7 s fill).
+        room = min(self.window.window_bytes, self.window.max_requests * chunk)
+        left = self._unrequested_fill_bytes(room)
+        if left >= room:
+            return chunk
+        slots = max(1, self.window.max_requests - self.window.inflight_requests)
+        piece = _align_up(-(-left // slots), PAGE)
+        return max(min(chunk, self.options.min_chunk), min(chunk, piece))
+
+    def _unrequested_fill_bytes(self, enough: int) -> int:
+        """Bytes of actively filling blobs neither cached nor in flight (stops counting at
+        `enough`: only the endgame needs the exact figure)."""
+        left = 0
+        for b in self._fill_order:
+            if b.fill_state is not FillState.ACTIVE:
+                continue
+            inflight = sum(t.end - t.start for t in b.inflight)
+            left += max(0, b.size - b.cache.present_bytes - inflight)
+            if left >= enough:
+                break
+        return left
 
     def _next_fill_chunk(self) -> tuple[RemoteBlob, int, int] | None:
         """Sync: the next missing, not-in-flight range of the first fill blob that has one."""
         now = self.clock()
         for b in self._fill_order:
             if b.fill_state is not FillState.ACTIVE or b.fill_paused_until > now:
+                continue
+            if self._fill_blocked_by_disk(b):
                 continue
             if self.options.mode == "upstream" and b is not self._fill_order[0]:
                 break  # upstream downloads one layer at a time
@@ -827,14 +960,93 @@ class Scheduler:
                     return b, m, end
         return None
 
+    def _hedge_pick(self) -> tuple[RemoteBlob, int, int] | None:
+        """Sync, fill endgame (every missing byte already in flight): the back half of the fill
+        transfer that will finish last, when a fresh request would deliver it much sooner.
+        A connection in loss recovery, or one that went idle and restarts slow, otherwise
+        holds the whole fill for seconds while the link idles. The duplicate bytes (at most
+        half a request per straggler) are the price; whichever copy lands first is kept."""
+        if self.options.mode == "upstream" or not self._progressive:
+            return None
+        w = self.window
+        if w.inflight_requests >= w.max_requests:
+            return None
+        rtt, per_flow = self._fill_ttfb, self._fill_flow_rate
+        if rtt is None or not per_flow:
+            return None
+        now = self.clock()
+        worst, worst_eta = None, 0.0
+        for b in self._fill_order:
+            if b.fill_state is not FillState.ACTIVE:
+                continue
+            for t in (*b.inflight, *b.extra):
+                if t.priority != Priority.FILL or t.hedged or t.sent_at is None:
+                    continue
+                left = t.end - (t.start + t.received)
+                if left < 2 * self.options.min_chunk:
+                    continue
+                if t.received > 0 and t.first_byte_at is not None:
+                    eta = left / (t.received / max(now - t.first_byte_at, 0.02))
+                elif now - t.sent_at > 3 * rtt:
+                    eta = float("inf")  # no byte after three round trips: stalled
+                else:
+                    eta = (t.sent_at + rtt - now) + left / per_flow
+                if eta > worst_eta:
+                    worst, worst_eta = t, eta
+        if worst is None:
+            return None
+        mid = _align_up(worst.start + worst.received + (worst.end - worst.start - worst.received) // 2, PAGE)
+        fresh = rtt + (worst.end - mid) / per_flow
+        # worth it only when it saves real time: on a short path (loopback, a LAN) every
+        # transfer looks slow next to a millisecond RTT, and hedging there only duplicates bytes
+        if worst_eta < 2 * fresh or worst_eta - fresh < self.options.hedge_min_gain or mid >= worst.end:
+            return None
+        worst.hedged = True
+        return worst.blob, mid, worst.end
+
+    def _endgame(self) -> bool:
+        """Every missing byte of the active fills is in flight, and some of it is."""
+        return any(
+            b.fill_state is FillState.ACTIVE and b.inflight for b in self._fill_order
+        ) and self._unrequested_fill_bytes(1) == 0
+
+    @staticmethod
+    def _fill_blocked_by_disk(b: RemoteBlob) -> bool:
+        """While the cache disk refuses writes, fetching fill bytes only wastes the link:
+        none until the gate's retry time, then one request at a time (its write probes)."""
+        gate = getattr(b.cache, "gate", None)
+        if gate is None or not gate.closed:
+            return False
+        return not gate.is_open or bool(b.inflight)
+
     async def _fill_loop(self) -> None:
         while not self._closed:
             pick = self._next_fill_chunk()
+            hedge = False
+            if pick is None and self._endgame():
+                pick = self._hedge_pick()
+                hedge = pick is not None
+                if pick is None:
+                    # look again in a round trip: a straggler shows only as time passes
+                    self._fill_wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._fill_wake.wait(), timeout=max(0.05, self._fill_ttfb or 0.2))
+                    continue
             if pick is None:
                 self._fill_wake.clear()
                 await self._fill_wake.wait()
                 continue
             b, s, e = pick
+            if hedge:
+                admitted = await self._acquire(Priority.FILL, e - s)
+                if not admitted or b.fill_state is not FillState.ACTIVE or b.cache.is_present(s, e):
+                    if admitted:
+                        self.window.on_complete(self.clock(), e - s, 0.0, ok=False)
+                    self._pump_admission()
+                    continue
+                self.stats.hedges += 1
+                self._launch(b, s, e, Priority.FILL, counted=True, overlay=True)
+                continue
             n = e - s
             wait = self.bucket.reserve(n, self.clock())
             if wait > 0:

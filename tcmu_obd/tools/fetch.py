@@ -23,6 +23,7 @@ import time
 
 from ..cache import CacheStore
 from ..config import load_global_config, load_image_config, local_layer_candidates
+from ..ops.observability import ServiceOps, add_arguments
 from ..scheduler import Priority, Scheduler, SchedulerOptions
 
 log = logging.getLogger("tcmu_obd.fetch")
@@ -71,7 +72,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-mbps", type=float, default=0.0, help="throttle in MiB/s (default 0: unthrottled)")
     p.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between plain progress lines")
+    p.add_argument("--read-timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up on a response that sends nothing for this long and ask again for the rest "
+                        "(default 30)")
     p.add_argument("--stats-json", metavar="FILE", help="write final stats (scheduler + registry client) as JSON")
+    add_arguments(p)  # --control-socket (tcmu-obd status); exporterConfig and logs come from G
     p.set_defaults(func=handler)
 
 
@@ -94,7 +99,7 @@ def _options(args) -> SchedulerOptions:
 
 
 async def fetch(args) -> int:
-    from ..remote.registry import RegistryClient
+    from ..remote.registry import RegistryClient, Timeouts
 
     gc = load_global_config(args.global_config)
     cfg = load_image_config(args.config, gc)
@@ -108,7 +113,14 @@ async def fetch(args) -> int:
         print("fetch: done blobs=0 fetched_bytes=0 requests=0 seconds=0.0 mbps=0.0", flush=True)
         return 0
     opts = _options(args)
-    client = RegistryClient(gc, max_connections=max(64, opts.max_concurrency + 8))
+    timeouts = None
+    if args.read_timeout is not None:
+        if args.read_timeout <= 0:
+            print(f"fetch: --read-timeout must be positive, not {args.read_timeout}", file=sys.stderr, flush=True)
+            return 2
+        timeouts = Timeouts(sock_read=args.read_timeout)
+    ops = ServiceOps("fetch", gc, args.control_socket)
+    client = RegistryClient(gc, max_connections=max(64, opts.max_concurrency + 8), timeouts=timeouts)
     store = CacheStore.from_config(gc)
     sched = Scheduler(client, store, gc, opts)
     if args.mode == "upstream" and args.chunk_size:
@@ -118,6 +130,7 @@ async def fetch(args) -> int:
     display = None
     rc = 1
     try:
+        await ops.start(info={"config": args.config})
         for lower in remote:
             sources.append(await sched.open_blob(cfg, lower))
         for src in sources:
@@ -146,6 +159,7 @@ async def fetch(args) -> int:
         await sched.aclose()
         await store.aclose()
         await client.aclose()
+        await ops.aclose()
         if args.stats_json:
             with open(args.stats_json, "w") as f:
                 json.dump(
@@ -157,6 +171,9 @@ async def fetch(args) -> int:
                         "bytes": {p.name: sched.stats.bytes_fetched[p] for p in Priority},
                         "failures": {p.name: sched.stats.failures[p] for p in Priority},
                         "client": client.stats.snapshot(),
+                        "mismatches": sum(s.cache.mismatches for s in sources),
+                        "repaired_bytes": sum(s.cache.repaired_bytes for s in sources),
+                        "hedges": getattr(sched.stats, "hedges", 0),
                         "mode": args.mode,
                         "window": repr(sched.window),
                     },

@@ -5,8 +5,8 @@
 
 Serves every TCMU device whose configfs control string is `dev_config=overlaybd/<config
 path>[;<dev_id>]` (see docs/tcmu.md). Prints one "tcmu-obd run: ready" line on stderr once
-serving (and writes --ready-file with the pid). SIGTERM/SIGINT: drain and exit; a second
-SIGINT aborts in-flight commands.
+serving (and writes --ready-file with the pid; under systemd, sends READY=1 to
+$NOTIFY_SOCKET). SIGTERM/SIGINT: drain and exit; a second SIGINT aborts in-flight commands.
 Exit codes: 0 clean shutdown, 1 error while serving, 3 startup failed (e.g. the
 target_core_user kernel module is not loaded).
 """
@@ -18,6 +18,8 @@ import asyncio
 import sys
 
 from ..errors import ObdError
+from ..ops import sdnotify
+from ..ops.observability import ServiceOps, add_arguments
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -58,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--open-timeout", metavar="S", type=float, default=None, help="bound on opening an image (default: none)"
     )
+    add_arguments(p)  # --control-socket (tcmu-obd status); exporterConfig, logConfig, audit come from the config
     p.set_defaults(func=handler)
 
 
@@ -83,9 +86,26 @@ def handler(args: argparse.Namespace) -> int:
         nonlocal started
         started = True
         print(f"tcmu-obd run: ready ({len(d.devices)} device(s) attached)", file=sys.stderr, flush=True)
+        sdnotify.ready(f"serving {len(d.devices)} device(s)")  # Type=notify units start here
+
+    async def serve_observed() -> int:
+        from ..config import load_global_config
+
+        # loaded here so logging, the exporter and the daemon all see the same file
+        daemon.global_config = load_global_config(args.global_config)
+        ops = ServiceOps("run", daemon.global_config, args.control_socket)
+        try:
+            await ops.start(images=lambda: [(d.name, d.image) for d in list(daemon.devices.values())])
+            return await daemon.serve(on_ready=on_ready)
+        finally:
+            await ops.aclose()
 
     try:
-        return asyncio.run(daemon.serve(on_ready=on_ready))
+        return asyncio.run(serve_observed())
     except ObdError as exc:
         print(f"tcmu-obd run: error: {exc}", file=sys.stderr)
+        sdnotify.status(f"error: {exc}")
         return EXIT_ERROR if started else EXIT_STARTUP_FAILURE
+    finally:
+        if started:
+            sdnotify.stopping()

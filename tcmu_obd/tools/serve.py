@@ -5,8 +5,9 @@
     tcmu-obd serve --raw FILE --nbd ...            (the frontend alone, for benchmarks)
 
 Lifecycle: open the image -> listen -> print one "listening on <uri>" line on stdout
-(scripts wait for it) -> serve until SIGINT/SIGTERM -> stop listening, let in-flight
-requests finish, flush the image, close it.  A second signal forces the shutdown.
+(scripts wait for it; under systemd READY=1 goes to $NOTIFY_SOCKET) -> serve until
+SIGINT/SIGTERM (STOPPING=1) -> stop listening, let in-flight requests finish, flush the
+image, close it.  A second signal forces the shutdown.
 Exit codes: 0 clean shutdown, 1 error while serving, 3 startup failed (nothing served).
 """
 
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 
 from ..errors import ImageIOError, ObdError, ReadOnlyError
 from ..image.base import Extent
+from ..ops import sdnotify
+from ..ops.audit import audit
+from ..ops.observability import ServiceOps, add_arguments
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +173,7 @@ def register(subparsers) -> None:
     sp.add_argument("--read-only", action="store_true", help="refuse writes")
     sp.add_argument("--export-name", default="", metavar="NAME", help='export name (default "")')
     sp.add_argument("--description", default=None, help="export description shown to clients")
+    add_arguments(sp)  # --control-socket (tcmu-obd status); exporterConfig and logs come from G
     sp.set_defaults(func=handler)
 
 
@@ -208,13 +213,20 @@ async def _serve(args: argparse.Namespace, listen: Listen) -> int:
         nonlocal signals_seen
         signals_seen += 1
         log.info("signal %d: %s", signum, "shutting down" if signals_seen == 1 else "forcing shutdown")
+        if signals_seen == 1:
+            sdnotify.stopping()
         stop.set()
 
     # -- startup: any failure here exits 3 ------------------------------------------
     image = None
     server = None
     resources = contextlib.AsyncExitStack()
+    served = args.config or args.raw
     try:
+        from ..config import load_global_config
+
+        ops = ServiceOps("serve", load_global_config(args.global_config), args.control_socket)
+        resources.push_async_callback(ops.aclose)  # closed last: logs outlive the image
         image = await _open(args, resources)
         desc = args.description or (f"raw file {args.raw}" if args.raw else f"overlaybd {args.config}")
         server = NBDServer(image, export_name=args.export_name, read_only=args.read_only, description=desc)
@@ -224,8 +236,12 @@ async def _serve(args: argparse.Namespace, listen: Listen) -> int:
         else:
             srv = await server.serve_tcp(listen.host, listen.port)
             port = srv.sockets[0].getsockname()[1]
+        uri = nbd_uri(listen, args.export_name, port)
+        await ops.start(images=lambda: [(served, image)], info={"config": served, "nbd": uri})
+        audit("open", device=uri, config=served, size=image.size, read_only=server.read_only)
     except (ObdError, OSError, ImportError, ValueError) as e:
         print(f"tcmu-obd serve: startup failed: {e}", file=sys.stderr)
+        sdnotify.status(f"startup failed: {e}")
         if server is not None:
             await server.aclose(grace=0)
         await resources.aclose()
@@ -236,6 +252,7 @@ async def _serve(args: argparse.Namespace, listen: Listen) -> int:
     ro = " read-only" if server.read_only else ""
     print(f"tcmu-obd serve: listening on {nbd_uri(listen, args.export_name, port)} "
           f"size={image.size}{ro}", flush=True)
+    sdnotify.ready(f"serving {nbd_uri(listen, args.export_name, port)}")
 
     # -- serve until a signal, then drain ------------------------------------------
     code = EXIT_OK
@@ -259,6 +276,7 @@ async def _serve(args: argparse.Namespace, listen: Listen) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        audit("close", device=uri, config=served)
         await resources.aclose()
     print("tcmu-obd serve: stopped", flush=True)
     return code

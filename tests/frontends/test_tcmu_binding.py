@@ -91,6 +91,18 @@ def test_cmd_layout(field, offset):
     assert ffi.sizeof(ffi.typeof(ffi.new("struct tcmulib_cmd *").sense_buf)) == scsi.SENSE_BUFFERSIZE
 
 
+
+def test_c_cdb_length_agrees_with_the_scsi_layer():
+    # the binding sizes CDBs in C (obd_cmd_cdb_len); scsi.cdb_size is the reference
+    cmd = ffi.new("struct tcmulib_cmd *")
+    cdb = ffi.new("uint8_t[]", 264)
+    cmd.cdb = cdb
+    for op in range(256):
+        for extra in (0, 24):
+            cdb[0], cdb[7] = op, extra
+            want = scsi.cdb_size(op, extra if op == 0x7F else None)
+            assert lib.obd_cmd_cdb_len(cmd) == (want if want is not None else 6), (op, extra)
+
 def test_cfg_info_layout():
     assert ffi.offsetof("struct tcmulib_cfg_info", "data") == 8
     assert ffi.sizeof("struct tcmulib_cfg_info") == 16

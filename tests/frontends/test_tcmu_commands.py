@@ -270,6 +270,91 @@ async def test_cancellation_passes_through():
         await task
 
 
+
+# -- eager READ: answered in submit() when the image needs no wait ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "cdb",
+    [
+        rw10(0x28, 3, 2),
+        rw16(0x88, 3, 2),
+        struct.pack(">BBIIBB", 0xA8, 0, 3, 2, 0, 0),  # READ(12)
+        struct.pack(">BBHBB", 0x08, 0, 3, 2, 0),  # READ(6)
+    ],
+)
+def test_local_read_is_answered_synchronously(cdb):
+    # no event loop at all: a read the image serves without waiting never needs one
+    _, p = make(data=PATTERN)
+    r = p.submit(FakeCommand(cdb, 2 * BS))
+    assert isinstance(r, Response) and r.status == ScsiStatus.GOOD
+    assert bytes(r.data) == PATTERN[3 * BS : 5 * BS]
+
+
+def test_eager_read_range_check_still_applies():
+    _, p = make(data=PATTERN)
+    for cdb in (rw10(0x28, NBLK - 1, 2), rw16(0x88, 2**63, 1)):
+        r = p.submit(FakeCommand(cdb, 2 * BS))
+        assert isinstance(r, Response) and sense_of(r) == scsi.LBA_OUT_OF_RANGE
+
+
+class GatedImage(MemoryImage):
+    """Copies the first half of a read, waits for the gate, then copies the rest."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate = asyncio.Event()
+
+    async def read_into(self, offset, buf):
+        half = len(buf) // 2
+        await super().read_into(offset, buf[:half])
+        await self.gate.wait()
+        await super().read_into(offset + half, buf[half:])
+
+
+async def test_read_that_waits_continues_in_a_task():
+    img = GatedImage(SIZE, data=PATTERN)
+    _, p = make(image=img)
+    r = p.submit(FakeCommand(rw10(0x28, 4, 4), 4 * BS))
+    assert not isinstance(r, Response)  # suspended on the gate: the rest runs in a task
+    task = asyncio.ensure_future(r)
+    await asyncio.sleep(0)
+    assert not task.done()
+    img.gate.set()
+    resp = await task
+    assert resp.status == ScsiStatus.GOOD and bytes(resp.data) == PATTERN[4 * BS : 8 * BS]
+
+
+async def test_suspended_read_still_has_a_deadline():
+    img = GatedImage(SIZE, data=PATTERN)
+    _, p = make(image=img, policy=IoPolicy(read_timeout=0.1))
+    r = p.submit(FakeCommand(rw10(0x28, 9, 1), BS))
+    resp = await asyncio.wait_for(r, 5)
+    assert sense_of(resp) == scsi.UNRECOVERED_READ_ERROR
+    assert struct.unpack(">I", resp.sense[3:7])[0] == 9
+
+
+async def test_eager_step_that_needs_a_task_is_read_again_in_one():
+    class NeedsTask(MemoryImage):
+        attempts = 0
+
+        async def read_into(self, offset, buf):
+            self.attempts += 1
+            async with asyncio.timeout(5):  # RuntimeError outside a task
+                await super().read_into(offset, buf)
+
+    img = NeedsTask(SIZE, data=PATTERN)
+    _, p = make(image=img)
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    # submit from a plain loop callback, as device.py does, so no task is current
+    loop.call_soon(lambda: fut.set_result(p.submit(FakeCommand(rw10(0x28, 2, 1), BS))))
+    r = await fut
+    assert not isinstance(r, Response)
+    resp = await r
+    assert resp.status == ScsiStatus.GOOD and bytes(resp.data) == PATTERN[2 * BS : 3 * BS]
+    assert img.attempts == 2
+
 def test_is_retriable():
     assert is_retriable(ImageIOError("x", errno.EIO))
     assert not is_retriable(ImageIOError("x", errno.EINVAL))

@@ -13,7 +13,22 @@ method and a path substring, lets ``skip`` matching requests through, then affec
 * ``"slow"``    forward, but send the body in `chunk` byte pieces with `delay` s between them;
 * ``"unauthorized"`` answer 401 with the registry's own challenge (the request is replayed to the
   registry without Authorization to get its WWW-Authenticate), as a registry does when a token
-  expires in the middle of a long fill.
+  expires in the middle of a long fill;
+* ``"corrupt"`` forward, but flip (xor 0xFF) the byte at blob offset `at` in the body (wrong bytes
+  with a correct length and status: only the digest or a ZFile CRC can tell);
+* ``"truncate"`` forward the headers (true Content-Length) and the first `after_bytes` bytes, then
+  close the connection cleanly (FIN, not RST): a short body;
+* ``"stall"``   forward the headers and the first `after_bytes` bytes, then send nothing for `delay`
+  seconds (longer than the client's read timeout), then drop the connection;
+* ``"down"``    the registry is away: every request (any path, any method, while the fault is in
+  the list) has its connection dropped without an answer. `go_down()` adds one and also drops
+  every body being sent; `come_back()` removes it.
+
+`at` (a blob offset, -1 = any) also narrows any fault to requests whose Range covers that byte.
+`proxy.sent` counts body bytes sent per request path (2xx bodies only), and
+`proxy.sent_bytes(match)` sums them: the bound on what the server sent in total.
+`proxy.rate` (bytes/s, 0 = off) paces all bodies together like one link of that capacity, so
+the sender, not the receiver's CPU, sets the pace (benchmarks; bytes in flight stay ~real).
 
 With ``FaultProxy(registry.url, storage=PresignedStorage(registry.blob_path))`` the proxy acts like
 a registry on S3: an authorised blob GET answers 307 to a signed, expiring storage URL (HEAD is
@@ -59,13 +74,19 @@ class Fault:
     after_bytes: int = 0
     delay: float = 0.0
     chunk: int = 65536
+    at: int = -1
     hits: int = 0
     seen: int = 0
 
-    def _take(self, method: str, path: str) -> bool:
+    def _take(self, method: str, path: str, span: tuple[int, int | None] = (0, None)) -> bool:
+        if self.kind == "down":
+            self.hits += 1
+            return True
         if self.method and method != self.method:
             return False
         if self.match and self.match not in path:
+            return False
+        if self.at >= 0 and not (span[0] <= self.at and (span[1] is None or self.at <= span[1])):
             return False
         self.seen += 1
         if self.seen <= self.skip:
@@ -85,15 +106,30 @@ class Logged:
     fault: str | None = None
 
 
-async def _abort_after_flush(request: web.Request) -> None:
-    """Let the bytes already written reach the peer, then reset the connection."""
+async def _abort_after_flush(request: web.Request, *, clean: bool = False) -> None:
+    """Let the bytes already written reach the peer, then reset the connection (`clean`: close
+    it with a FIN instead, as a server that just stops sending does)."""
     tr = request.transport
     if tr is None:
         return
     deadline = time.monotonic() + 5
     while tr.get_write_buffer_size() > 0 and time.monotonic() < deadline and not tr.is_closing():
         await asyncio.sleep(0.001)
-    tr.abort()
+    if clean:
+        tr.close()
+    else:
+        tr.abort()
+
+
+_RANGE = re.compile(r"^\s*bytes=(\d+)-(\d*)\s*$")
+
+
+def _span(range_header: str | None) -> tuple[int, int | None]:
+    """(first, last or None) of a `Range: bytes=a-b` header; a request without one is the blob."""
+    m = _RANGE.match(range_header or "")
+    if not m:
+        return 0, None
+    return int(m.group(1)), int(m.group(2)) if m.group(2) else None
 
 
 class _LoopThread:
@@ -254,6 +290,38 @@ class FaultProxy(_Server):
         self.log: list[Logged] = []
         self._session: ClientSession | None = None
         self.redirects = 0
+        self.sent: dict[str, int] = {}
+        self.rate = 0.0
+        self._stopping = False
+        self._link_free = 0.0
+        self._streaming: set = set()  # transports of bodies being sent (go_down drops them)
+
+    def sent_bytes(self, match: str = "/blobs/") -> int:
+        with self._lock:
+            return sum(n for path, n in self.sent.items() if match in path)
+
+    def remove(self, fault: Fault) -> None:
+        with self._lock:
+            if fault in self.faults:
+                self.faults.remove(fault)
+
+    def go_down(self) -> Fault:
+        """The registry goes away: drop every body being sent and every request from now on,
+        until come_back()."""
+        f = Fault(kind="down", match="", method=None, times=-1)
+        with self._lock:
+            self.faults.insert(0, f)
+
+        def drop():
+            for tr in list(self._streaming):
+                tr.abort()
+
+        self._lt.loop.call_soon_threadsafe(drop)
+        return f
+
+    def come_back(self) -> None:
+        with self._lock:
+            self.faults[:] = [f for f in self.faults if f.kind != "down"]
 
     @property
     def host(self) -> str:
@@ -282,6 +350,7 @@ class FaultProxy(_Server):
             self._own_lt = True
 
     def stop(self):
+        self._stopping = True
         if self.storage is not None and self.storage._lt is self._lt and self._lt is not None:
             self.storage._lt.run(self.storage._astop())
             self.storage._lt = None
@@ -313,8 +382,13 @@ class FaultProxy(_Server):
         entry = Logged(request.method, request.path_qs, dict(request.headers))
         with self._lock:
             self.log.append(entry)
-            fault = next((f for f in self.faults if f._take(request.method, request.path)), None)
+            span = _span(request.headers.get("Range"))
+            fault = next((f for f in self.faults if f._take(request.method, request.path, span)), None)
         entry.fault = fault.kind if fault else None
+        if fault is not None and fault.kind == "down":
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=503)
         if fault is not None and fault.kind == "status":
             entry.status = fault.status
             return web.Response(status=fault.status, headers=fault.headers, body=fault.body)
@@ -337,6 +411,44 @@ class FaultProxy(_Server):
                 and re.search(r"/blobs/sha256:[0-9a-f]{64}$", request.path)):
             return await self._redirect(request, entry)
         return await self._forward(request, entry, fault, body)
+
+    async def _send(self, resp: web.StreamResponse, path: str, data) -> None:
+        # counted before the write, so once the client has a byte it is in the count; taken
+        # back when the connection is already gone (nothing left)
+        self._count(path, len(data))
+        try:
+            await resp.write(data)
+        except ConnectionError:
+            self._count(path, -len(data))
+            raise
+
+    def _count(self, path: str, n: int) -> None:
+        with self._lock:
+            self.sent[path] = self.sent.get(path, 0) + n
+
+    async def _stall(self, request: web.Request, seconds: float) -> None:
+        """Send nothing for `seconds`, or until the client hangs up or the proxy stops (a
+        stalled handler must not hold up stop() for the rest of a long stall)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end and self._lt is not None and not self._stopping:
+            tr = request.transport
+            if tr is None or tr.is_closing():
+                return
+            await asyncio.sleep(min(0.05, end - loop.time()))
+
+    async def _pace(self, n: int) -> None:
+        """One shared link: each chunk leaves when the chunks before it have."""
+        if self.rate <= 0:
+            return
+        now = asyncio.get_running_loop().time()
+        self._link_free = max(now, self._link_free) + n / self.rate
+        if self._link_free > now:
+            await asyncio.sleep(self._link_free - now)
+
+    def _is_down(self) -> bool:
+        with self._lock:
+            return any(f.kind == "down" for f in self.faults)
 
     async def _redirect(self, request: web.Request, entry: Logged):
         h = self._fwd_headers(request)
@@ -375,29 +487,52 @@ class FaultProxy(_Server):
                 resp.content_length = int(clen)
             elif request.method == "HEAD" and clen is not None:
                 resp.headers["Content-Length"] = clen
-            await resp.prepare(request)
+            try:
+                await resp.prepare(request)
+            except ConnectionError:  # dropped by go_down() while the registry answered
+                return resp
             if request.method == "HEAD":
                 return resp
+            first = _span(request.headers.get("Range"))[0] if up.status == 206 else 0
+            kind = fault.kind if fault is not None else None
+            cut = fault.after_bytes if kind in ("reset", "truncate", "stall") else None
+            flip = fault.at - first if kind == "corrupt" else None
+            path = request.path
             sent = 0
+            tr = request.transport
+            self._streaming.add(tr)
             try:
-                async for chunk in up.content.iter_chunked(fault.chunk if fault and fault.kind == "slow" else 1 << 18):
-                    if fault is not None and fault.kind == "reset":
-                        room = fault.after_bytes - sent
-                        if room <= 0 or len(chunk) >= room:
-                            if room > 0:
-                                await resp.write(chunk[:room])
-                            await _abort_after_flush(request)
-                            return resp
-                    await resp.write(chunk)
+                piece = fault.chunk if kind == "slow" else 1 << 16 if self.rate > 0 else 1 << 18
+                async for chunk in up.content.iter_chunked(piece):
+                    await self._pace(len(chunk))
+                    if self._is_down():
+                        tr.abort()
+                        return resp
+                    if flip is not None and sent <= flip < sent + len(chunk):
+                        chunk = bytearray(chunk)
+                        chunk[flip - sent] ^= 0xFF
+                    if cut is not None and sent + len(chunk) >= cut:
+                        room = max(0, cut - sent)
+                        if room:
+                            await self._send(resp, path, chunk[:room])
+                        if kind == "stall":
+                            await self._stall(request, fault.delay)
+                        await _abort_after_flush(request, clean=kind == "truncate")
+                        return resp
+                    await self._send(resp, path, chunk)
                     sent += len(chunk)
-                    if fault is not None and fault.kind == "slow":
+                    if kind == "slow":
                         await asyncio.sleep(fault.delay)
             except (ClientPayloadError, ConnectionError):
                 if request.transport:
                     request.transport.abort()
                 return resp
-            if fault is not None and fault.kind == "reset":
-                await _abort_after_flush(request)
+            finally:
+                self._streaming.discard(tr)
+            if cut is not None:  # the body was shorter than the cut: break it at its end
+                if kind == "stall":
+                    await self._stall(request, fault.delay)
+                await _abort_after_flush(request, clean=kind == "truncate")
                 return resp
             await resp.write_eof()
             return resp

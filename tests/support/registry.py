@@ -13,7 +13,7 @@ token the client believes valid — the "401 in the middle of a fill" case). Pus
 or ``(user, password)``; files are streamed, never loaded whole) and get the blob URL with
 ``blob_url(reg.url, repo, digest)``; ``push_oci_layout(reg.url, repo, layout_dir, tag)`` pushes
 one manifest of an OCI image layout with its blobs; the ``hello_world`` fixture pushes
-/work/shared fixtures' hello-world-oci tag ``amd64-converted`` to ``registry`` and returns a
+../shared fixtures' hello-world-oci tag ``amd64-converted`` to ``registry`` and returns a
 `PushedImage` (``.repo_blob_url``, ``.layers`` digests, ``.blob_path(digest)`` local bytes).
 ``RegistryProcess(tls=True)`` serves
 HTTPS with a self-signed cert for 127.0.0.1 (``.ca_path``; ``client_ca=`` also demands client

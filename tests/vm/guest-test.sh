@@ -113,21 +113,36 @@ bench_seq() {
     log "bench $1 seq: ${mb} MiB in ${BENCH_SECS}s = ${BENCH_MIBS} MiB/s"
 }
 
-# bench_rand LABEL DEV QD SECONDS -> sets BENCH_IOPS (4 KiB random reads, O_DIRECT)
+# cpu_ticks PID -> utime+stime of the whole process (all threads), in clock ticks
+cpu_ticks() {
+    local st
+    read -r -a st < "/proc/$1/stat" 2>/dev/null || { echo 0; return; }
+    echo $(( st[13] + st[14] ))
+}
+
+# bench_rand LABEL DEV QD SECONDS [HANDLER_PID] -> sets BENCH_IOPS (4 KiB random reads,
+# O_DIRECT) and, with a pid, BENCH_CPU_US: the handler's CPU time per read in microseconds.
+# IOPS swing with the host's load; CPU per read is the handler's own cost and moves less.
 bench_rand() {
-    local out engine=psync
+    local out engine=psync c0 c1 ios
     [ "$3" -gt 1 ] && engine=libaio
-    BENCH_IOPS=0
+    BENCH_IOPS=0; BENCH_CPU_US=
     if command -v fio >/dev/null; then
+        [ -n "${5:-}" ] && c0=$(cpu_ticks "$5")
         out=$(fio --name=rr --filename="$2" --direct=1 --rw=randread --bs=4k --ioengine=$engine \
                   --iodepth="$3" --runtime="$4" --time_based --norandommap --randrepeat=0 \
                   --minimal 2>>"$LOGS/fio.err") || { log "fio failed"; return 1; }
-        # terse v3: field 8 = read IOPS
+        [ -n "${5:-}" ] && c1=$(cpu_ticks "$5")
+        # terse v3: field 6 = KiB read, field 8 = read IOPS
         BENCH_IOPS=$(cut -d';' -f8 <<<"$out")
+        ios=$(( $(cut -d';' -f6 <<<"$out") / 4 ))
+        if [ -n "${5:-}" ] && [ "$ios" -gt 0 ]; then
+            BENCH_CPU_US=$(( (c1 - c0) * 1000000 / $(getconf CLK_TCK) / ios ))
+        fi
     else
         return 1
     fi
-    log "bench $1 rand4k qd$3: $BENCH_IOPS IOPS"
+    log "bench $1 rand4k qd$3: $BENCH_IOPS IOPS${BENCH_CPU_US:+, handler CPU ${BENCH_CPU_US} us/read}"
 }
 
 declare -A BENCH=()
@@ -149,14 +164,29 @@ stop_runner() {
     RUNNER_PID=
 }
 
-runner_bench() {  # runner_bench: L12.raw through tcmu-runner's qcow handler (raw mode)
-    local wwn dev
+# runner_bench [again]: L12.raw through tcmu-runner's qcow handler (raw mode). "again" (after our
+# daemon's turn) repeats only the random reads, as runner2_*: our numbers are then bracketed by
+# two of the baseline's, and the host's load drifting between the phases weighs less in the ratio.
+runner_bench() {
+    local wwn dev k=runner check=bench_runner
+    [ "${1:-}" = again ] && { k=runner2; check=bench_runner_again; }
     wwn=$(OBD_SUBTYPE=qcow OBD_LUN_ID=90 "$S/obd-lun-create" "$SCRATCH/L12.raw" "$L12_SIZE" rb_l12) \
-        || { rec bench_runner fail "LUN for L12.raw failed"; return; }
-    dev=$("$S/obd-lun-disk" "$wwn" 60) || { rec bench_runner fail "no disk for L12.raw"; return; }
+        || { rec $check fail "LUN for L12.raw failed"; return; }
+    dev=$("$S/obd-lun-disk" "$wwn" 60) || { rec $check fail "no disk for L12.raw"; return; }
+    if [ $k = runner2 ]; then
+        bench_rand runner "$dev" 1 "$BENCH_RAND_SECS" "$RUNNER_PID" && BENCH[runner2_rand4k_qd1_iops]=$BENCH_IOPS \
+            && BENCH[runner2_rand4k_qd1_cpu_us]=$BENCH_CPU_US
+        bench_rand runner "$dev" 16 "$BENCH_RAND_SECS" "$RUNNER_PID" && BENCH[runner2_rand4k_qd16_iops]=$BENCH_IOPS \
+            && BENCH[runner2_rand4k_qd16_cpu_us]=$BENCH_CPU_US
+        rec $check pass "tcmu-runner again: ${BENCH[runner2_rand4k_qd1_iops]:-?} IOPS qd1, ${BENCH[runner2_rand4k_qd16_iops]:-?} IOPS qd16"
+        "$S/obd-lun-remove" rb_l12
+        return
+    fi
     bench_seq runner "$dev" "$L12_SIZE"; BENCH[runner_seq_mibs]=$BENCH_MIBS; BENCH[runner_seq_secs]=$BENCH_SECS
-    bench_rand runner "$dev" 1 "$BENCH_RAND_SECS" && BENCH[runner_rand4k_qd1_iops]=$BENCH_IOPS
-    bench_rand runner "$dev" 16 "$BENCH_RAND_SECS" && BENCH[runner_rand4k_qd16_iops]=$BENCH_IOPS
+    bench_rand runner "$dev" 1 "$BENCH_RAND_SECS" "$RUNNER_PID" && BENCH[runner_rand4k_qd1_iops]=$BENCH_IOPS \
+        && BENCH[runner_rand4k_qd1_cpu_us]=$BENCH_CPU_US
+    bench_rand runner "$dev" 16 "$BENCH_RAND_SECS" "$RUNNER_PID" && BENCH[runner_rand4k_qd16_iops]=$BENCH_IOPS \
+        && BENCH[runner_rand4k_qd16_cpu_us]=$BENCH_CPU_US
     rec bench_runner pass "tcmu-runner qcow(raw) L12: ${BENCH[runner_seq_mibs]} MiB/s seq, ${BENCH[runner_rand4k_qd1_iops]:-?} IOPS qd1, ${BENCH[runner_rand4k_qd16_iops]:-?} IOPS qd16"
     "$S/obd-lun-remove" rb_l12
 }
@@ -296,11 +326,42 @@ else
 
         # benchmark: our daemon, same image
         bench_seq obd "$L12_DEV" "$L12_SIZE"; BENCH[obd_seq_mibs]=$BENCH_MIBS; BENCH[obd_seq_secs]=$BENCH_SECS
-        bench_rand obd "$L12_DEV" 1 "$BENCH_RAND_SECS" && BENCH[obd_rand4k_qd1_iops]=$BENCH_IOPS
-        bench_rand obd "$L12_DEV" 16 "$BENCH_RAND_SECS" && BENCH[obd_rand4k_qd16_iops]=$BENCH_IOPS
+        bench_rand obd "$L12_DEV" 1 "$BENCH_RAND_SECS" "$DAEMON_PID" && BENCH[obd_rand4k_qd1_iops]=$BENCH_IOPS \
+            && BENCH[obd_rand4k_qd1_cpu_us]=$BENCH_CPU_US
+        bench_rand obd "$L12_DEV" 16 "$BENCH_RAND_SECS" "$DAEMON_PID" && BENCH[obd_rand4k_qd16_iops]=$BENCH_IOPS \
+            && BENCH[obd_rand4k_qd16_cpu_us]=$BENCH_CPU_US
         rec bench_obd pass "tcmu-obd L12: ${BENCH[obd_seq_mibs]} MiB/s seq, ${BENCH[obd_rand4k_qd1_iops]:-?} IOPS qd1, ${BENCH[obd_rand4k_qd16_iops]:-?} IOPS qd16"
     else
         rec obd_l12_sha256 fail "no disk"; rec ext4_files fail "no disk"; rec bench_obd fail "no disk"
+    fi
+
+    # ------------------------------------------------------------ restart with LUNs in place
+    # Both LUNs stay linked while the daemon goes away, first with SIGTERM (clean shutdown),
+    # then with SIGKILL (no shutdown at all). The new daemon must re-open the existing
+    # devices itself (libtcmu reports them to `added` at tcmulib_initialize) and serve the
+    # same /dev/sdX bit-exactly, without the LUNs being re-created.
+    reattach_check() {  # reattach_check NAME SIGNAL
+        local name=$1 sig=$2 pid=$DAEMON_PID line n got
+        if [ "$sig" = TERM ]; then stop_daemon; else kill -KILL "$pid"; wait "$pid" 2>/dev/null; DAEMON_PID=; fi
+        if ! compgen -G "$C/core/user_*/obd_p12" > /dev/null; then
+            rec "$name" fail "the p12 storage object vanished with the daemon"; return 1
+        fi
+        if ! start_daemon; then
+            rec "$name" fail "daemon did not restart: $(tail -n 3 "$LOGS/tcmu-obd.log")"; return 1
+        fi
+        line=$(grep 'tcmu-obd run: ready' "$LOGS/tcmu-obd.log" | tail -n 1)
+        n=${line##*ready (}; n=${n%% device*}
+        got=$(sha_dev "$P12_DEV")
+        if [ "$n" = 2 ] && [ "$got" = "$P12_SHA256" ]; then
+            rec "$name" pass "after SIG$sig the new daemon re-attached $n existing devices; $P12_DEV (p12, not re-created) sha256 ok"
+        else
+            rec "$name" fail "after SIG$sig: ready line '$line' (want 2 devices), p12 sha256 $got want $P12_SHA256"
+        fi
+    }
+    if [ -n "$P12_DEV" ] && [ -n "$L12_DEV" ]; then
+        reattach_check daemon_reattach TERM && reattach_check daemon_reattach_kill KILL
+    else
+        rec daemon_reattach fail "no LUNs to keep across the restart"
     fi
 
     # ------------------------------------------------------------ iSCSI export of p12
@@ -436,7 +497,7 @@ EOF
 fi
 remove_all_luns
 
-# ---------------------------------------------------------------- phase C: runner bench (if deferred)
+# ---------------------------------------------------------------- phase C: runner bench (deferred or again)
 if [ -z "${RUNNER_BENCH_DONE:-}" ]; then
     if [ -s "$SCRATCH/L12.raw" ] && start_runner; then
         runner_bench
@@ -445,13 +506,24 @@ if [ -z "${RUNNER_BENCH_DONE:-}" ]; then
     fi
     stop_runner
     remove_all_luns
+elif [ -n "${BENCH[obd_rand4k_qd1_iops]:-}" ] && start_runner; then
+    runner_bench again
+    stop_runner
+    remove_all_luns
 fi
 
 # ---------------------------------------------------------------- results
 ratio() { [ -n "${BENCH[$1]:-}" ] && [ -n "${BENCH[$2]:-}" ] && bc <<<"scale=3; ${BENCH[$1]} / ${BENCH[$2]}"; }
 BENCH[ratio_seq]=$(ratio obd_seq_mibs runner_seq_mibs)
-BENCH[ratio_rand4k_qd1]=$(ratio obd_rand4k_qd1_iops runner_rand4k_qd1_iops)
-BENCH[ratio_rand4k_qd16]=$(ratio obd_rand4k_qd16_iops runner_rand4k_qd16_iops)
+# random reads: against the mean of the baseline's runs before and after ours, when both exist
+for q in qd1 qd16; do
+    if [ -n "${BENCH[runner2_rand4k_${q}_iops]:-}" ] && [ -n "${BENCH[runner_rand4k_${q}_iops]:-}" ]; then
+        BENCH[runnermean_rand4k_${q}_iops]=$(bc <<<"scale=1; (${BENCH[runner_rand4k_${q}_iops]} + ${BENCH[runner2_rand4k_${q}_iops]}) / 2")
+        BENCH[ratio_rand4k_${q}]=$(ratio obd_rand4k_${q}_iops runnermean_rand4k_${q}_iops)
+    else
+        BENCH[ratio_rand4k_${q}]=$(ratio obd_rand4k_${q}_iops runner_rand4k_${q}_iops)
+    fi
+done
 {
     printf '{'
     sep=

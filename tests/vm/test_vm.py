@@ -112,6 +112,11 @@ def test_device_lookup_finds_iscsi_disk_too(vm):
     _check(vm, "device_lookup_iscsi")
 
 
+def test_daemon_restart_reattaches_existing_luns(vm):
+    _check(vm, "daemon_reattach")  # SIGTERM, then a new daemon serves the same LUNs
+    _check(vm, "daemon_reattach_kill")  # the same after SIGKILL
+
+
 def test_writable_upper_persists_across_restart(vm):
     _check(vm, "rw_persist")
 

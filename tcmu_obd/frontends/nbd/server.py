@@ -47,6 +47,7 @@ from typing import Any
 
 from ...errors import ImageIOError
 from ...image.base import BlockImage
+from ...ops.counters import NBD_COMMANDS
 from . import protocol as p
 
 log = logging.getLogger(__name__)
@@ -544,9 +545,11 @@ class _Connection(asyncio.Protocol):
         conn = self.conn
         if req.error:
             self.server.stats["errors"] += 1
+            NBD_COMMANDS.record(self.server.export.name, req.command, req.error)
             await self._reply(conn.reply_error(req.cookie, req.error, req.message))
             return
         pooled = None
+        status = 0  # the errno replied (metrics)
         try:
             if req.command == p.CMD_READ:
                 pooled = self.server._get_buffer(req.length)
@@ -556,11 +559,14 @@ class _Connection(asyncio.Protocol):
         except ImageIOError as e:
             self.server.stats["errors"] += 1
             log.info("%r: %s [%d, +%d): %s", self, req.name, req.offset, req.length, e)
+            status = e.errno
             reply = conn.reply_error(req.cookie, e.errno, f"{req.name}: {e}")
         except OSError as e:
             self.server.stats["errors"] += 1
             log.warning("%r: %s [%d, +%d): %s", self, req.name, req.offset, req.length, e)
+            status = e.errno or p.EIO
             reply = conn.reply_error(req.cookie, e.errno or p.EIO, f"{req.name}: {e.strerror or e}")
+        NBD_COMMANDS.record(self.server.export.name, req.command, status)
         await self._reply(reply, pooled)
 
     async def _reply(self, buffers: list, release: bytearray | None = None) -> None:

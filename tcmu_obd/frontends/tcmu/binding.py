@@ -26,7 +26,7 @@ import threading
 from typing import Any, Protocol
 
 from ...errors import ObdError
-from .scsi import SENSE_BUFFERSIZE, ScsiStatus, cdb_size
+from .scsi import SENSE_BUFFERSIZE, ScsiStatus
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,15 @@ class Device:
             return None
         return CommandHandle(p)
 
+    def complete_good(self, cmd: "CommandHandle", data: bytes | bytearray | memoryview | None) -> None:
+        """GOOD with data-in, in one C call: scatter data into the iovecs, zero what is left
+        of them, complete and free the command (cmd is dead afterwards)."""
+        ptr, cmd._cmd = cmd._cmd, None
+        if data:
+            lib.obd_complete_data_in(self._dev, ptr, ffi.from_buffer(data), len(data))
+        else:
+            lib.obd_complete_data_in(self._dev, ptr, ffi.NULL, 0)
+
     def complete(self, cmd: "CommandHandle", status: int, sense: bytes | None) -> None:
         """Write the response and free the command (cmd is dead afterwards)."""
         if status == ScsiStatus.GOOD:
@@ -230,11 +239,6 @@ class Device:
         lib.tcmulib_command_complete(self._dev, ptr, result)
 
 
-def _cdb_len(first: int, cdb_ptr: Any) -> int:
-    size = cdb_size(first, cdb_ptr[7] if first == 0x7F else None)
-    return size if size is not None else 6  # libtcmu never hands out CDBs it cannot size; be safe anyway
-
-
 class CommandHandle:
     """One `struct tcmulib_cmd *` from tcmulib_get_next_command (see module doc for lifetime)."""
 
@@ -242,8 +246,7 @@ class CommandHandle:
 
     def __init__(self, cmd_ptr: Any):
         self._cmd = cmd_ptr
-        cdb_ptr = cmd_ptr.cdb
-        self.cdb = bytes(ffi.buffer(cdb_ptr, _cdb_len(cdb_ptr[0], cdb_ptr)))
+        self.cdb = bytes(ffi.buffer(cmd_ptr.cdb, lib.obd_cmd_cdb_len(cmd_ptr)))
         self.data_length = lib.obd_cmd_iov_len(cmd_ptr)
         self.cmd_id = cmd_ptr.cmd_id
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable, Coroutine
+import struct
+import types
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -43,6 +45,8 @@ from .scsi import CheckCondition, DeviceInfo, Op, ScsiStatus
 log = logging.getLogger(__name__)
 
 WRITE_SAME_CHUNK_BYTES = 1 << 20
+_RW10 = struct.Struct(">BBIBHB")  # opcode, flags, LBA, group, transfer length, control
+_RW16 = struct.Struct(">BBQIBB")  # opcode, flags, LBA, transfer length, group, control
 
 RETRIABLE_ERRNOS = frozenset(
     {
@@ -151,13 +155,26 @@ class CommandProcessor:
 
     def _dispatch(self, cmd: Command) -> Response | Coroutine[Any, Any, Response]:
         cdb = bytes(cmd.cdb)
+        n = len(cdb)
+        op = cdb[0] if n else -1
+        # READ(10)/READ(16), what Linux sends for nearly every read: decoded inline, as the
+        # general decoder's RwCommand costs as much as a cached 4 KiB read itself
+        if op == 0x28 and n >= 10:
+            _, _, lba, _, blocks, _ = _RW10.unpack_from(cdb)
+            if lba + blocks > self.info.num_lbas:
+                scsi.check_range(lba, blocks, self.info.num_lbas)
+            return self._read_now(lba, blocks, cmd.data_length)
+        if op == 0x88 and n >= 16:
+            _, _, lba, blocks, _, _ = _RW16.unpack_from(cdb)
+            if lba + blocks > self.info.num_lbas:
+                scsi.check_range(lba, blocks, self.info.num_lbas)
+            return self._read_now(lba, blocks, cmd.data_length)
         scsi.cdb_length(cdb)  # reserved groups → INVALID COMMAND OPERATION CODE
-        op = cdb[0]
         info = self.info
         if op in scsi.READ_OPS:
             rw = scsi.decode_rw(cdb)
             scsi.check_range(rw.lba, rw.blocks, info.num_lbas)
-            return self._guard(self._read(rw, cmd.data_length), rw.lba)
+            return self._read_now(rw.lba, rw.blocks, cmd.data_length)
         if op in scsi.WRITE_OPS:
             rw = scsi.decode_rw(cdb)
             scsi.check_range(rw.lba, rw.blocks, info.num_lbas)
@@ -170,7 +187,7 @@ class CommandProcessor:
             if want == 0:
                 return GOOD
             data = cmd.read_data_out(want)
-            return self._guard(self._write(rw, data), rw.lba)
+            return self._guard(rw.lba, self._write, rw, data)
         if op in scsi.VERIFY_OPS:
             return self._verify(cdb, cmd)
         if op in (Op.WRITE_SAME_10, Op.WRITE_SAME_16):
@@ -180,13 +197,13 @@ class CommandProcessor:
             ranges = scsi.parse_unmap(cdb, cmd.read_data_out(min(cmd.data_length, scsi.parameter_list_length(cdb))), info)
             if not ranges:
                 return GOOD
-            return self._guard(self._unmap(ranges), ranges[0][0])
+            return self._guard(ranges[0][0], self._unmap, ranges)
         if op in (Op.SYNCHRONIZE_CACHE_10, Op.SYNCHRONIZE_CACHE_16):
             rw = scsi.decode_rw(cdb)
             scsi.check_range(rw.lba, rw.blocks, info.num_lbas)
             if info.read_only:
                 return GOOD
-            return self._guard(self._flush(), None)
+            return self._guard(None, self._flush)
         if op == Op.TEST_UNIT_READY:
             return GOOD
         if op == Op.INQUIRY:
@@ -219,10 +236,13 @@ class CommandProcessor:
 
     # -- error mapping for image calls ----------------------------------------------------------
 
-    async def _guard(self, coro: Coroutine[Any, Any, Response], lba: int | None) -> Response:
-        """Run an image coroutine; map every failure to a CHECK CONDITION (cancellation passes)."""
+    async def _guard(self, lba: int | None, fn: Callable[..., Coroutine[Any, Any, Response]], *args: Any,
+                     **kwargs: Any) -> Response:
+        """Run an image coroutine fn(*args, **kwargs); map every failure to a CHECK CONDITION
+        (cancellation passes). fn is called only once this runs: a command cancelled before
+        its task started leaves no coroutine behind that was never awaited."""
         try:
-            return await coro
+            return await fn(*args, **kwargs)
         except CheckCondition as exc:
             return Response.check(exc)
         except ReadOnlyError as exc:
@@ -244,16 +264,42 @@ class CommandProcessor:
 
     # -- image commands ----------------------------------------------------------------------
 
-    async def _read(self, rw: scsi.RwCommand, data_length: int) -> Response:
-        length = min(rw.blocks * self.bs, data_length)
+    def _read_now(self, lba: int, blocks: int, data_length: int) -> Response | Coroutine[Any, Any, Response]:
+        """Eager READ: the image's read coroutine takes its first step right here. When the
+        data is local (cache hit, local file, hole) it finishes in that step and the READ is
+        answered synchronously, with no task and no loop turn (most of a small read's cost).
+        Only a read that really waits (a fetch, a decode in a thread) or fails becomes a
+        coroutine: the suspended read goes on inside the caller's task, with the deadline
+        watchdog and retries of the slow path.
+
+        The eager step runs outside any task (asyncio.current_task() is None). Image code
+        that needs a task there (asyncio.timeout, aiohttp's timers) raises RuntimeError; such
+        a non-I/O error from the eager step makes the task read again (`_read_with_retry`)."""
+        length = min(blocks * self.bs, data_length)
         buf = bytearray(length)
-        if length:
-            await self._read_with_retry(rw.lba * self.bs, buf)
+        if not length:
+            return Response(data=buf)
+        offset = lba * self.bs
+        coro = self.image.read_into(offset, memoryview(buf))
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            return Response(data=buf)
+        except Exception as exc:
+            return self._guard(lba, self._read_rest, offset, buf, failed=exc)
+        return self._guard(lba, self._read_rest, offset, buf, resumed=_resume(coro, pending))
+
+    async def _read_rest(self, offset: int, buf: bytearray, *, resumed: Any = None,
+                         failed: Exception | None = None) -> Response:
+        await self._read_with_retry(offset, buf, resumed=resumed, failed=failed)
         return Response(data=buf)
 
-    async def _read_with_retry(self, offset: int, buf: bytearray) -> None:
+    async def _read_with_retry(self, offset: int, buf: bytearray, *, resumed: Any = None,
+                               failed: Exception | None = None) -> None:
         """Fill buf from the image, retrying transient failures with backoff until the read
-        budget runs out. Raises: _ReadFailed (cause: the last error or the timeout)."""
+        budget runs out. The first attempt may already have been made eagerly (`_read_now`):
+        `resumed` is that attempt, suspended, to be awaited; `failed` is how it failed.
+        Raises: _ReadFailed (cause: the last error or the timeout)."""
         policy = self.policy
         loop = asyncio.get_running_loop()
         deadline = loop.time() + policy.read_timeout
@@ -262,11 +308,20 @@ class CommandProcessor:
         self._watchdog.watch(task, deadline, loop)
         delay = policy.retry_initial_delay
         attempt = 0
+        if failed is not None and not is_retriable(failed) and not isinstance(failed, (ObdError, OSError)):
+            failed = None  # not an I/O error: maybe the eager step lacked a task; read again here
         try:
             while True:
                 attempt += 1
                 try:
-                    await self.image.read_into(offset, memoryview(buf))
+                    if resumed is not None:
+                        first, resumed = resumed, None
+                        await first
+                    elif failed is not None:
+                        first_exc, failed = failed, None
+                        raise first_exc
+                    else:
+                        await self.image.read_into(offset, memoryview(buf))
                     return
                 except asyncio.CancelledError:
                     raise
@@ -348,7 +403,7 @@ class CommandProcessor:
                 )
             return GOOD
 
-        return self._guard(compare(), rw.lba)
+        return self._guard(rw.lba, compare)
 
     def _write_same(self, cdb: bytes, cmd: Command) -> Response | Coroutine[Any, Any, Response]:
         rw = scsi.decode_rw(cdb)
@@ -365,8 +420,8 @@ class CommandProcessor:
                 raise CheckCondition(scsi.INVALID_FIELD_IN_CDB, "WRITE SAME without a data block")
             pattern = cmd.read_data_out(self.bs)
         if rw.unmap and not any(pattern):
-            return self._guard(self._unmap([(rw.lba, rw.blocks)]), rw.lba)
-        return self._guard(self._write_pattern(rw.lba, rw.blocks, pattern), rw.lba)
+            return self._guard(rw.lba, self._unmap, [(rw.lba, rw.blocks)])
+        return self._guard(rw.lba, self._write_pattern, rw.lba, rw.blocks, pattern)
 
     async def _write_pattern(self, lba: int, blocks: int, pattern: bytes) -> Response:
         per_chunk = max(1, WRITE_SAME_CHUNK_BYTES // self.bs)
@@ -378,6 +433,23 @@ class CommandProcessor:
             await self._bounded_write(self.image.write((lba + done) * self.bs, data))
             done += n
         return GOOD
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
+    """Awaitable that continues `coro`, already stepped once by hand and suspended on
+    `pending` (what it yielded: the future it waits for), inside whatever task awaits this.
+    The task waits on `pending`, then resumes coro; a cancel or throw at that point goes into
+    coro at its suspension point, as if the task had run it from the start."""
+    try:
+        yield pending
+    except BaseException as exc:
+        try:
+            pending = coro.throw(exc)
+        except StopIteration as stop:
+            return stop.value
+        return (yield from _resume(coro, pending))
+    return (yield from coro)
 
 
 class _Watchdog:

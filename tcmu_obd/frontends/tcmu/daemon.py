@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import ObdError
+from ...ops.audit import audit
 from . import binding as _binding
 from .commands import CommandProcessor, IoPolicy
 from .device import TcmuDevice
@@ -365,6 +366,7 @@ class Daemon:
         log.warning(
             "%s: attached %s (%d bytes, %s)", name, config_path, image.size, "read-only" if info.read_only else "read-write"
         )
+        audit("open", device=name, config=config_path, size=image.size, read_only=info.read_only, dev_id=dev_id or "")
         return 0
 
     def _report_failure(self, config_path: str, message: str) -> None:
@@ -418,6 +420,7 @@ class Daemon:
         if device.dev_id is not None:
             self._dev_ids.discard(device.dev_id)
         log.warning("%s: detached", device.name)
+        audit("close", device=device.name, dev_id=device.dev_id or "")
 
 
 class _OpenTimeout(Exception):

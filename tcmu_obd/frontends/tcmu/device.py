@@ -20,7 +20,7 @@ becomes that command's CHECK CONDITION (commands.py), and a failure while comple
 logged and the device carries on.
 
 `handle` is a binding.Device or anything with the same small surface (fd, processing_start,
-next_command, complete, processing_complete), which is how the unit tests drive it.
+next_command, complete_good, complete, processing_complete), which is how the unit tests drive it.
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ import enum
 import logging
 from typing import Any
 
+from ...ops.counters import SCSI_COMMANDS
 from . import scsi
 from .commands import CommandProcessor, Response
 from .scsi import CheckCondition, ScsiStatus
 
 log = logging.getLogger(__name__)
+
+
+def _aborted() -> Response:
+    return Response.check(CheckCondition(scsi.COMMAND_ABORTED, "device closing"))
 
 
 class DeviceState(enum.Enum):
@@ -60,7 +65,7 @@ class TcmuDevice:
         self.dev_id = dev_id
         self.state = DeviceState.RUNNING
         self._loop = loop or asyncio.get_running_loop()
-        self._inflight: set[asyncio.Task] = set()
+        self._inflight: dict[asyncio.Task, tuple[Any, Any]] = {}  # task → (command, its coroutine)
         self._notify_pending = False
         self._in_batch = False
         self._batch_completed = False
@@ -104,20 +109,34 @@ class TcmuDevice:
         if isinstance(r, Response):
             self._complete(cmd, r)
             return
-        task = self._loop.create_task(self._run(cmd, r), name=f"{self.name}:{cmd.cdb[:1].hex()}")
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        task = self._loop.create_task(self._run(cmd, r))
+        self._inflight[task] = (cmd, r)
+        task.add_done_callback(self._task_done)
 
     async def _run(self, cmd: Any, coro: Any) -> None:
         try:
             resp = await coro
         except asyncio.CancelledError:
-            self._complete(cmd, Response.check(CheckCondition(scsi.COMMAND_ABORTED, "device closing")))
+            self._finish(cmd, _aborted())
             raise
         except BaseException as exc:  # commands.py maps errors; this is a last resort
             log.exception("%s: command failed", self.name)
             resp = Response.check(CheckCondition(scsi.INTERNAL_TARGET_FAILURE, repr(exc)))
+        self._finish(cmd, resp)
+
+    def _finish(self, cmd: Any, resp: Response) -> None:
+        """Complete from inside the command's own task (no extra loop turn)."""
+        self._inflight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         self._complete(cmd, resp)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        entry = self._inflight.pop(task, None)
+        if entry is None:
+            return  # _run answered it
+        # cancelled before its first step (an abort right after dispatch): _run never ran
+        cmd, coro = entry
+        coro.close()
+        self._complete(cmd, _aborted())
 
     def _complete(self, cmd: Any, resp: Response) -> None:
         if self.state is DeviceState.CLOSED:
@@ -125,15 +144,17 @@ class TcmuDevice:
             return
         try:
             if resp.status == ScsiStatus.GOOD:
-                cmd.write_data_in(resp.data)
-            self.handle.complete(cmd, resp.status, resp.sense)
+                self.handle.complete_good(cmd, resp.data)
+            else:
+                self.handle.complete(cmd, resp.status, resp.sense)
         except Exception:
             log.exception("%s: error completing a command", self.name)
             return
         self.completed += 1
+        SCSI_COMMANDS.record(self.name, cmd.cdb[0], resp.status)  # metrics: by opcode and status
         if self._in_batch:
             self._batch_completed = True  # _on_ring_ready notifies once at its end
-        elif len(self._inflight) <= 1 and not self._notify_pending:
+        elif not self._inflight and not self._notify_pending:
             self._notify()  # the only command in flight: nothing to coalesce with, wake now
         else:
             self._schedule_notify()

@@ -206,6 +206,12 @@ def cdb_length(cdb: bytes) -> int:
     return size
 
 
+def _opcode(cdb: bytes) -> int:
+    if not cdb:  # the dispatcher checks first, but these helpers are public
+        raise CheckCondition(INVALID_COMMAND_OPCODE, "empty CDB")
+    return cdb[0]
+
+
 def _need(cdb: bytes, n: int) -> None:
     if len(cdb) < n:
         raise CheckCondition(INVALID_FIELD_IN_CDB, f"CDB {cdb[:1].hex()} truncated: {len(cdb)} < {n} bytes")
@@ -312,7 +318,7 @@ def check_range(lba: int, blocks: int, num_lbas: int) -> None:
 def allocation_length(cdb: bytes) -> int:
     """ALLOCATION LENGTH of INQUIRY (BE16 @3), MODE SENSE(6) (@4), MODE SENSE(10) (BE16 @7),
     READ CAPACITY(16)/SERVICE ACTION IN(16) (BE32 @10), REQUEST SENSE (@4)."""
-    op = cdb[0]
+    op = _opcode(cdb)
     if op == Op.INQUIRY:
         _need(cdb, 6)
         return struct.unpack_from(">H", cdb, 3)[0]
@@ -332,7 +338,7 @@ def allocation_length(cdb: bytes) -> int:
 
 def parameter_list_length(cdb: bytes) -> int:
     """PARAMETER LIST LENGTH of MODE SELECT(6) (@4), MODE SELECT(10) and UNMAP (BE16 @7)."""
-    op = cdb[0]
+    op = _opcode(cdb)
     if op == Op.MODE_SELECT_6:
         _need(cdb, 6)
         return cdb[4]
@@ -565,7 +571,7 @@ def mode_sense(cdb: bytes, dev: DeviceInfo) -> bytes:
     Raises: CheckCondition(SAVING PARAMETERS NOT SUPPORTED) for PC=saved,
     CheckCondition(INVALID FIELD IN CDB) for an unsupported page or subpage.
     """
-    six = cdb[0] == Op.MODE_SENSE_6
+    six = _opcode(cdb) == Op.MODE_SENSE_6
     _need(cdb, 6 if six else 10)
     pc = cdb[2] >> 6
     page = cdb[2] & 0x3F
@@ -599,7 +605,7 @@ def mode_select_check(cdb: bytes, data: bytes, dev: DeviceInfo) -> None:
     (SP=1), PARAMETER LIST LENGTH ERROR (truncated header/page), INVALID FIELD IN PARAMETER
     LIST (unknown page or a changed value).
     """
-    six = cdb[0] == Op.MODE_SELECT_6
+    six = _opcode(cdb) == Op.MODE_SELECT_6
     _need(cdb, 6 if six else 10)
     if cdb[1] & 0x01:
         raise CheckCondition(SAVING_PARAMS_NOT_SUPPORTED, "SP=1", field=1)

@@ -1,0 +1,1 @@
+"""ops/: running tcmu-obd as a service (systemd readiness, metrics, status)."""
