@@ -58,7 +58,9 @@ class WriteGate:
     and one line when it reopens, never one per read: a full disk under a busy device would
     otherwise flood the log. After `retry_after` seconds the next write is let through as a
     probe; success reopens the gate, failure closes it again for twice as long (up to
-    `max_retry_after`), so a disk that stays full costs one wasted write per interval.
+    `max_retry_after`), so a disk that stays full costs one wasted write per interval. A failure
+    within `flap_window` seconds of a reopening continues the same episode (no new warning): a
+    nearly full disk accepts a write into blocks already allocated and refuses the next one.
     """
 
     def __init__(self, where: str, *, retry_after: float = 0.5, max_retry_after: float = 5.0,
@@ -73,6 +75,8 @@ class WriteGate:
         self.episodes = 0  # times the gate closed
         self._delay = retry_after
         self._retry_at = 0.0
+        self._reopened_at = float("-inf")
+        self.flap_window = 10.0  # a failure this soon after reopening continues the episode
 
     @property
     def is_open(self) -> bool:
@@ -83,6 +87,16 @@ class WriteGate:
         return self.error is not None
 
     def failed(self, err: OSError) -> None:
+        if self.error is None and self._clock() - self._reopened_at < self.flap_window:
+            # closed again right after a probe reopened it: a nearly full disk takes a write
+            # into blocks it had already allocated (an earlier short write), then refuses the
+            # next. Same episode: no second warning, keep backing off.
+            self.error = err
+            self.failures += 1
+            self._delay = min(self._delay * 2, self.max_retry_after)
+            self._retry_at = self._clock() + self._delay
+            log.info("cache %s still cannot be written (%s)", self.where, err.strerror or err)
+            return
         if self.error is None:
             self.episodes += 1
             self.failures = 0
@@ -105,6 +119,7 @@ class WriteGate:
 
     def succeeded(self) -> None:
         if self.error is not None:
+            self._reopened_at = self._clock()
             log.warning("cache %s is writable again after %d failed writes: caching resumed", self.where, self.failures)
             self.error = None
             self.failures = 0

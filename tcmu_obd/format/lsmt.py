@@ -473,6 +473,27 @@ class SegmentMap:
             i += 1
         return out
 
+    def covering(self, offset: int, length: int) -> Mapping | None | bool:
+        """The common case of `lookup` without building a list: the mapping (untrimmed) that
+        covers all of [offset, offset+length), None when no mapping touches the range (all
+        hole), False when the range spans several pieces (use `lookup`). length must be > 0.
+
+        A small read nearly always falls inside one extent; this answers it with one bisect
+        and no allocation, which matters on the per-command path of the frontends."""
+        end = offset + length
+        i = bisect_right(self._starts, offset) - 1
+        if i >= 0:
+            m = self._maps[i]
+            m_end = m.offset + m.length
+            if m_end >= end:
+                return m
+            if m_end > offset:
+                return False
+        i += 1
+        if i < len(self._starts) and self._starts[i] < end:
+            return False
+        return None
+
     def lookup(self, offset: int, length: int) -> list[tuple[int, int, Mapping | None]]:
         """Pieces exactly covering [offset, offset+length): (offset, length, mapping|None).
 

@@ -25,6 +25,27 @@ class BlobSource(Protocol):
 
     async def aclose(self) -> None: ...
 
+    # Optional, not part of the protocol check: `read_into_nowait(offset, buf) -> bool` fills
+    # buf synchronously and returns True when the bytes are at hand (memory, a local file, a
+    # decoded-block cache), or returns False, having waited for nothing, when only the async
+    # read_into can get them. Image.read_into_nowait uses it to answer cached reads without
+    # a coroutine; sources without it (remote blobs, trace recording) always take the async path.
+
+
+def nowait_reader(obj: object):
+    """obj.read_into_nowait, bound, or None when obj has none or when its class overrides
+    read_into below the class that defines read_into_nowait: such a subclass (counting, fault
+    injection, gating a read) would be bypassed by the inherited fast path, so it gets none."""
+    nowait = getattr(obj, "read_into_nowait", None)
+    if nowait is None or "read_into" in getattr(obj, "__dict__", ()):
+        return None
+    for klass in type(obj).__mro__:
+        if "read_into_nowait" in vars(klass):
+            return nowait
+        if "read_into" in vars(klass):
+            return None
+    return nowait
+
 
 async def read_exact(src: BlobSource, offset: int, length: int) -> bytes:
     """Read `length` bytes at `offset`, checking the range against the source size first.
@@ -56,6 +77,13 @@ class BytesSource:
         if offset < 0 or end > self.size:
             raise ImageIOError(f"{self.name}: read [{offset}, {end}) past end {self.size}")
         buf[:] = self._data[offset:end]
+
+    def read_into_nowait(self, offset: int, buf: memoryview) -> bool:
+        end = offset + len(buf)
+        if offset < 0 or end > self.size:
+            raise ImageIOError(f"{self.name}: read [{offset}, {end}) past end {self.size}")
+        buf[:] = self._data[offset:end]
+        return True
 
     async def aclose(self) -> None:
         pass
@@ -94,6 +122,17 @@ class FileSource:
         else:
             self._pread_into(offset, buf)
 
+    def read_into_nowait(self, offset: int, buf: memoryview) -> bool:
+        n = len(buf)
+        if offset < 0 or offset + n > self.size:
+            raise ImageIOError(f"{self.name}: read [{offset}, {offset + n}) past end {self.size}")
+        if n > self.offload_bytes:
+            return False  # big reads go to the executor (read_into)
+        # one preadv straight into the caller's buffer; the loop only for a short read
+        if os.preadv(self._fd, (buf,), offset) != n:
+            self._pread_into(offset, buf)
+        return True
+
     async def aclose(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -114,11 +153,18 @@ class SliceSource:
         self.start = start
         self.size = size
         self.name = name or inner.name
+        self._inner_nowait = nowait_reader(inner)
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         if offset < 0 or offset + len(buf) > self.size:
             raise ImageIOError(f"{self.name}: read [{offset}, {offset + len(buf)}) past end {self.size}")
         await self.inner.read_into(self.start + offset, buf)
+
+    def read_into_nowait(self, offset: int, buf: memoryview) -> bool:
+        if offset < 0 or offset + len(buf) > self.size:
+            raise ImageIOError(f"{self.name}: read [{offset}, {offset + len(buf)}) past end {self.size}")
+        nowait = self._inner_nowait
+        return nowait is not None and nowait(self.start + offset, buf)
 
     async def invalidate(self, offset: int, length: int) -> None:
         """Forward to the inner source when it caches (see RemoteBlobSource.invalidate)."""

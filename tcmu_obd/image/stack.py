@@ -32,11 +32,21 @@ from ..errors import ConfigError, FormatError, ImageIOError, ObdError, ReadOnlyE
 from ..format import lsmt
 from .base import Extent
 from .layers import CommittedLayer, open_committed_layer
-from .source import BlobSource, FileSource
+from .source import BlobSource, FileSource, nowait_reader
 
 log = logging.getLogger(__name__)
 
 SECTOR = lsmt.SECTOR
+_SECTOR_SHIFT = SECTOR.bit_length() - 1
+_SECTOR_MASK = SECTOR - 1
+_ZEROS = memoryview(bytes(128 << 10))  # source of zero fill for holes, no allocation per read
+
+
+def _zero(buf: memoryview, length: int) -> None:
+    if length <= len(_ZEROS):
+        buf[:] = _ZEROS[:length]
+    else:
+        buf[:] = bytes(length)
 
 
 class Image:
@@ -72,6 +82,9 @@ class Image:
         self._background: set[asyncio.Task] = set()  # trace replay / record watcher
         self._recorder = None
         self.trace_replay: asyncio.Task | None = None  # done when a replayed trace is prefetched
+        # Per lower: (layer, the source seen, its read_into_nowait or None). Bound once so a
+        # cached read pays no getattr; re-bound when a layer's source is swapped (trace record).
+        self._lower_nowait = [self._bind_nowait(layer) for layer in lowers]
 
     @property
     def blob_sources(self) -> list[BlobSource]:
@@ -90,10 +103,10 @@ class Image:
         return bytes(buf)
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
+        if self.read_into_nowait(offset, buf):
+            return
         length = len(buf)
         self._check_range(offset, length)
-        if length == 0:
-            return
         first = offset // SECTOR
         end = -(-(offset + length) // SECTOR)
         if first * SECTOR == offset and end * SECTOR == offset + length:
@@ -103,6 +116,99 @@ class Image:
         await self._read_sectors(first, end - first, memoryview(tmp))
         skip = offset - first * SECTOR
         buf[:] = tmp[skip : skip + length]
+
+    # Synchronous fast path. A read whose bytes are all at hand (holes, zeroed runs, the
+    # upper's data file, local lowers, decoded ZFile blocks) is answered here without a
+    # coroutine, a task or a list; the frontends try it before read_into, which tries it too.
+    # It must give the same bytes and errors as the async path, so it only declines (returns
+    # False, having waited for nothing) where the async path would wait: a lower whose source
+    # has no read_into_nowait (remote blobs, trace recording) or whose source says it lacks
+    # the bytes. buf may hold partial data after a decline; the async path rewrites all of it.
+
+    @staticmethod
+    def _bind_nowait(layer: CommittedLayer) -> tuple:
+        src = layer.source
+        return layer, src, nowait_reader(src)
+
+    def read_into_nowait(self, offset: int, buf: memoryview) -> bool:
+        """Fill buf with the disk's bytes at offset and return True if that needs no waiting;
+        else return False (call read_into). Raises ImageIOError like read_into."""
+        length = len(buf)
+        if offset < 0 or offset + length > self.size:
+            self._check_range(offset, length)
+        if offset & _SECTOR_MASK or length & _SECTOR_MASK:
+            if length == 0:
+                return True
+            first = offset // SECTOR
+            end = -(-(offset + length) // SECTOR)
+            tmp = bytearray((end - first) * SECTOR)
+            if not self._pieces_nowait(first, end - first, memoryview(tmp)):
+                return False
+            skip = offset - first * SECTOR
+            buf[:] = tmp[skip:skip + length]
+            return True
+        if length == 0:
+            return True
+        sector = offset >> _SECTOR_SHIFT
+        count = length >> _SECTOR_SHIFT
+        upper = self.upper
+        if upper is not None:
+            m = upper.segment_map.covering(sector, count)
+            if m is False:
+                return self._pieces_nowait(sector, count, buf)
+            if m is not None:
+                if m.zeroed:
+                    _zero(buf, length)
+                else:
+                    buf[:] = upper.read_data(m.moffset + (sector - m.offset), count)
+                return True
+        m = self.merged.covering(sector, count)
+        if m is None or (m is not False and m.zeroed):
+            _zero(buf, length)
+            return True
+        if m is False:
+            return self._lower_pieces_nowait(sector, count, buf)
+        return self._lower_nowait_at(m.tag, (m.moffset + (sector - m.offset)) << _SECTOR_SHIFT, buf)
+
+    def _lower_nowait_at(self, tag: int, offset: int, dst: memoryview) -> bool:
+        bound = self._lower_nowait[tag]
+        layer, src, nowait = bound
+        if layer.source is not src:
+            bound = self._lower_nowait[tag] = self._bind_nowait(layer)
+            nowait = bound[2]
+        if nowait is None:
+            return False
+        try:
+            return nowait(offset, dst)
+        except ObdError:
+            raise
+        except OSError as e:  # as _read_layer words it
+            raise ImageIOError(f"{layer.name}: read at {offset}: {e}", e.errno or 5) from e
+
+    def _pieces_nowait(self, sector: int, count: int, out: memoryview) -> bool:
+        """_read_sectors without waiting: every piece, upper first, or False at the first
+        lower piece that would wait."""
+        if self.upper is None:
+            return self._lower_pieces_nowait(sector, count, out)
+        for p_off, p_len, m in self.upper.segment_map.lookup(sector, count):
+            dst = out[(p_off - sector) * SECTOR : (p_off - sector + p_len) * SECTOR]
+            if m is None:
+                if not self._lower_pieces_nowait(p_off, p_len, dst):
+                    return False
+            elif m.zeroed:
+                dst[:] = bytes(len(dst))
+            else:
+                dst[:] = self.upper.read_data(m.moffset, m.length)
+        return True
+
+    def _lower_pieces_nowait(self, sector: int, count: int, out: memoryview) -> bool:
+        for p_off, p_len, m in self.merged.lookup(sector, count):
+            dst = out[(p_off - sector) * SECTOR : (p_off - sector + p_len) * SECTOR]
+            if m is None or m.zeroed:
+                dst[:] = bytes(len(dst))
+            elif not self._lower_nowait_at(m.tag, m.moffset * SECTOR, dst):
+                return False
+        return True
 
     async def _read_sectors(self, sector: int, count: int, out: memoryview) -> None:
         jobs = []

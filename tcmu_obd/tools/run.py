@@ -101,7 +101,8 @@ def handler(args: argparse.Namespace) -> int:
             await ops.aclose()
 
     try:
-        return asyncio.run(serve_observed())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(serve_observed())
     except ObdError as exc:
         print(f"tcmu-obd run: error: {exc}", file=sys.stderr)
         sdnotify.status(f"error: {exc}")
@@ -109,3 +110,13 @@ def handler(args: argparse.Namespace) -> int:
     finally:
         if started:
             sdnotify.stopping()
+
+
+def _loop_factory():
+    """uvloop when installed: a device read is one loop wakeup per command at queue depth 1, and
+    uvloop's wakeup is several times cheaper than the pure-Python selector loop's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

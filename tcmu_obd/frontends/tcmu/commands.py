@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from ...errors import ChecksumError, DigestMismatch, ImageIOError, ObdError, ReadOnlyError, RemoteError
+from ...image.source import nowait_reader
 from . import scsi
 from .scsi import CheckCondition, DeviceInfo, Op, ScsiStatus
 
@@ -126,6 +127,8 @@ class CommandProcessor:
         """`wwn_source`, when given, is asked for the unit serial at each INQUIRY VPD 0x80/0x83
         (as libtcmu does: configfs may set the serial after the device was enabled)."""
         self.image = image
+        # the image's synchronous read (Image.read_into_nowait), tried before the coroutine
+        self._read_nowait = nowait_reader(image)
         self.info = info
         self.wwn_source = wwn_source
         self.policy = policy or IoPolicy()
@@ -280,7 +283,15 @@ class CommandProcessor:
         if not length:
             return Response(data=buf)
         offset = lba * self.bs
-        coro = self.image.read_into(offset, memoryview(buf))
+        mv = memoryview(buf)
+        nowait = self._read_nowait
+        if nowait is not None:  # cheaper still than one coroutine step: no coroutine at all
+            try:
+                if nowait(offset, mv):
+                    return Response(data=buf)
+            except Exception as exc:
+                return self._guard(lba, self._read_rest, offset, buf, failed=exc)
+        coro = self.image.read_into(offset, mv)
         try:
             pending = coro.send(None)
         except StopIteration:
