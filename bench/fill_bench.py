@@ -677,7 +677,7 @@ class Bench:
     def run_seq_obd(self, img: dict) -> dict:
         """`tcmu-obd fetch --mode upstream` (our re-creation of upstream's bk_download pattern) for
         `seq_seconds`, then SIGINT; rate from the line's counters."""
-        with self.phase("seq-obd") as mark:
+        with self.phase("seq-obd"):
             proc, d = self.start_filler(img, "seqobd", ["--mode", "upstream"])
             time.sleep(2.0)  # process start; excluded below
             b0 = self.rig.stats().get("s2c", {}).get("delivered_bytes", 0)

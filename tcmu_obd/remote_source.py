@@ -19,7 +19,7 @@ import errno
 
 from .cache.blob import CacheLost, CacheWriteError
 from .errors import ImageIOError, RemoteError, RemoteTimeout
-from .image.source import FileSource
+from .image.source import FileSource, check_range
 from .scheduler import RemoteBlob, Scheduler
 from .scheduler.prefetch import READ_PRIORITY
 
@@ -49,9 +49,8 @@ class RemoteBlobSource:
     async def read_into(self, offset: int, buf: memoryview) -> None:
         if self._closed:
             raise ImageIOError(f"{self.name}: source closed", errno.EBADF)
+        check_range(self, offset, len(buf))
         end = offset + len(buf)
-        if offset < 0 or end > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {end}) past end {self.size}")
         if not buf:
             return
         cache = self.blob.cache

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,31 +15,16 @@ import pytest
 from tcmu_obd.cache import PresenceMap
 from tcmu_obd.cli import main
 from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.fetchcli import DONE, fetch_cmd, write_configs
 from tests.support.paths import FIXTURES_OBD, REPO_ROOT
 from tests.support.registry import push_blob, registry, wait_until  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.registry
 
 LAYERS = FIXTURES_OBD / "ext4-chain" / "layers"
-DONE = re.compile(r"^fetch: done blobs=(\d+) fetched_bytes=(\d+) requests=(\d+)", re.M)
-
-
 def _write_configs(tmp_path: Path, repo_blob_url: str, blobs: list[tuple[str, int]]):
-    gconf = tmp_path / "overlaybd.json"
-    gconf.write_text(json.dumps({
-        "cacheConfig": {"cacheType": "file", "cacheDir": str(tmp_path / "cache"), "cacheSizeGB": 1},
-        "credentialConfig": {"mode": "file", "path": str(tmp_path / "cred.json")},
-        "download": {"enable": False, "delay": 600, "maxMBps": 1},  # fetch ignores all three
-        "enableAudit": False,
-    }))
-    lowers = []
-    for i, (digest, size) in enumerate(blobs):
-        d = tmp_path / f"layer{i}"
-        d.mkdir(exist_ok=True)
-        lowers.append({"digest": digest, "size": size, "dir": str(d)})
-    conf = tmp_path / "config.v1.json"
-    conf.write_text(json.dumps({"repoBlobUrl": repo_blob_url, "lowers": lowers}))
-    return gconf, conf
+    return write_configs(tmp_path, repo_blob_url, blobs,
+                         download={"enable": False, "delay": 600, "maxMBps": 1})  # fetch ignores all three
 
 
 def test_fetch_fills_every_remote_lower(tmp_path, registry, capsys):  # noqa: F811
@@ -92,8 +75,7 @@ def test_interrupted_mid_fill_then_resume(tmp_path, registry, sig):  # noqa: F81
         # slow every blob body down so the first run is surely mid-way when killed
         slow = proxy.add(Fault(kind="slow", chunk=16 << 10, delay=0.02, times=-1, match="/blobs/"))
         gconf, conf = _write_configs(tmp_path, f"{proxy.url}/v2/fetch/kill/blobs", [(digest, size)])
-        cmd = [sys.executable, "-m", "tcmu_obd.cli", "fetch", "--global-config", str(gconf), "--progress", "plain",
-               "--interval", "0.2", str(conf)]
+        cmd = fetch_cmd(gconf, conf)
         first = subprocess.Popen(cmd + ["--mode", "fixed", "--concurrency", "2", "--chunk-size", "256K"],
                                  cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         map_path = tmp_path / "layer0" / ".download.map"

@@ -264,13 +264,13 @@ def test_bulk_window_leaves_startup_without_idling_the_pipe(stream_cap):
     link full through the transition, where a probing window idles it for a round trip or
     more; the steady state is as full either way, and the window stays bounded."""
     early, late = {}, {}
-    for drain in (True, False):
-        w = AdaptiveWindow(1 * MiB, auto_chunk=True, initial_bytes=64 * MiB, drain=drain)
+    for probes in (True, False):
+        w = AdaptiveWindow(1 * MiB, auto_chunk=True, initial_bytes=64 * MiB, latency_probes=probes)
         sim = LinkSim(w, capacity=50 * MB, rtt=0.2, stream_cap=stream_cap, follow_chunk=True)
         sim.run(30.0)
-        early[drain], late[drain] = sim.rate(0, 8), sim.rate(10, 30)
+        early[probes], late[probes] = sim.rate(0, 8), sim.rate(10, 30)
         assert w.state is WindowState.STEADY
-        if not drain:
+        if not probes:
             assert w.probes == 0
             assert max(n for _, n in sim.windows) <= 96 * MiB
     assert early[False] > early[True]

@@ -87,17 +87,11 @@ class WriteGate:
         return self.error is not None
 
     def failed(self, err: OSError) -> None:
-        if self.error is None and self._clock() - self._reopened_at < self.flap_window:
-            # closed again right after a probe reopened it: a nearly full disk takes a write
-            # into blocks it had already allocated (an earlier short write), then refuses the
-            # next. Same episode: no second warning, keep backing off.
-            self.error = err
-            self.failures += 1
-            self._delay = min(self._delay * 2, self.max_retry_after)
-            self._retry_at = self._clock() + self._delay
-            log.info("cache %s still cannot be written (%s)", self.where, err.strerror or err)
-            return
-        if self.error is None:
+        # closed again right after a probe reopened it: a nearly full disk takes a write into
+        # blocks an earlier short write had allocated, then refuses the next. Same episode: no
+        # second warning, keep backing off.
+        flap = self.error is None and self._clock() - self._reopened_at < self.flap_window
+        if self.error is None and not flap:
             self.episodes += 1
             self.failures = 0
             self._delay = self.retry_after
@@ -113,6 +107,8 @@ class WriteGate:
                     log.exception("cache %s: making room failed", self.where)
         else:
             self._delay = min(self._delay * 2, self.max_retry_after)
+            if flap:
+                log.info("cache %s still cannot be written (%s)", self.where, err.strerror or err)
         self.error = err
         self.failures += 1
         self._retry_at = self._clock() + self._delay

@@ -47,6 +47,12 @@ def nowait_reader(obj: object):
     return nowait
 
 
+def check_range(src, offset: int, length: int) -> None:
+    """Raise ImageIOError naming `src` unless [offset, offset + length) lies inside it."""
+    if offset < 0 or offset + length > src.size:
+        raise ImageIOError(f"{src.name}: read [{offset}, {offset + length}) past end {src.size}")
+
+
 async def read_exact(src: BlobSource, offset: int, length: int) -> bytes:
     """Read `length` bytes at `offset`, checking the range against the source size first.
 
@@ -73,16 +79,11 @@ class BytesSource:
         self.size = len(data)
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
-        end = offset + len(buf)
-        if offset < 0 or end > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {end}) past end {self.size}")
-        buf[:] = self._data[offset:end]
+        self.read_into_nowait(offset, buf)
 
     def read_into_nowait(self, offset: int, buf: memoryview) -> bool:
-        end = offset + len(buf)
-        if offset < 0 or end > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {end}) past end {self.size}")
-        buf[:] = self._data[offset:end]
+        check_range(self, offset, len(buf))
+        buf[:] = self._data[offset:offset + len(buf)]
         return True
 
     async def aclose(self) -> None:
@@ -115,17 +116,12 @@ class FileSource:
             done += n
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
-        if offset < 0 or offset + len(buf) > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {offset + len(buf)}) past end {self.size}")
-        if len(buf) > self.offload_bytes:
+        if not self.read_into_nowait(offset, buf):
             await asyncio.get_running_loop().run_in_executor(None, self._pread_into, offset, buf)
-        else:
-            self._pread_into(offset, buf)
 
     def read_into_nowait(self, offset: int, buf: memoryview) -> bool:
         n = len(buf)
-        if offset < 0 or offset + n > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {offset + n}) past end {self.size}")
+        check_range(self, offset, n)
         if n > self.offload_bytes:
             return False  # big reads go to the executor (read_into)
         # one preadv straight into the caller's buffer; the loop only for a short read
@@ -156,13 +152,11 @@ class SliceSource:
         self._inner_nowait = nowait_reader(inner)
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
-        if offset < 0 or offset + len(buf) > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {offset + len(buf)}) past end {self.size}")
+        check_range(self, offset, len(buf))
         await self.inner.read_into(self.start + offset, buf)
 
     def read_into_nowait(self, offset: int, buf: memoryview) -> bool:
-        if offset < 0 or offset + len(buf) > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {offset + len(buf)}) past end {self.size}")
+        check_range(self, offset, len(buf))
         nowait = self._inner_nowait
         return nowait is not None and nowait(self.start + offset, buf)
 

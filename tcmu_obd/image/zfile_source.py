@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import FormatError, ImageIOError
 from ..format import zfile as zf
-from .source import BlobSource, read_exact
+from .source import BlobSource, check_range, read_exact
 
 _executor: ThreadPoolExecutor | None = None
 
@@ -206,15 +206,27 @@ class ZFileSource:
         for i, data in zip(batch.blocks, task.result()):
             self._cache_put(i, data)
 
+    def _check_read(self, offset: int, length: int) -> None:
+        check_range(self, offset, length)
+        if self._closed:
+            raise ImageIOError(f"{self.name}: read after close")
+
+    def _copy_blocks(self, offset: int, buf: memoryview, blocks, decoded) -> None:
+        """Copy the parts of decoded blocks (`decoded[i]`: block i's bytes) that [offset,
+        offset + len(buf)) covers into buf."""
+        bs, end = self.block_size, offset + len(buf)
+        for i in blocks:
+            bstart = i * bs
+            lo = max(offset, bstart)
+            hi = min(end, bstart + bs)
+            buf[lo - offset:hi - offset] = memoryview(decoded[i])[lo - bstart:hi - bstart]
+
     def read_into_nowait(self, offset: int, buf: memoryview) -> bool:
         """Fill buf from the LRU and return True when every block it needs is decoded there
         (its CRC was checked when it was decoded); else return False having changed nothing,
         so read_into fetches. No task, no lists: the cached 4 KiB read of the frontends."""
         length = len(buf)
-        if offset < 0 or offset + length > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {offset + length}) past end {self.size}")
-        if self._closed:
-            raise ImageIOError(f"{self.name}: read after close")
+        self._check_read(offset, length)
         if length == 0:
             return True
         bs = self.block_size
@@ -236,26 +248,17 @@ class ZFileSource:
         for i in range(first, last + 1):
             if i not in cache:
                 return False
-        end = offset + length
         for i in range(first, last + 1):
             cache.move_to_end(i)
-            data = cache[i]
-            bstart = i * bs
-            lo = max(offset, bstart)
-            hi = min(end, bstart + bs)
-            buf[lo - offset:hi - offset] = memoryview(data)[lo - bstart:hi - bstart]
+        self._copy_blocks(offset, buf, range(first, last + 1), cache)
         self.cache_hits += last - first + 1
         return True
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         length = len(buf)
-        if offset < 0 or offset + length > self.size:
-            raise ImageIOError(f"{self.name}: read [{offset}, {offset + length}) past end {self.size}")
-        if self._closed:
-            raise ImageIOError(f"{self.name}: read after close")
+        self._check_read(offset, length)
         if length == 0:
             return
-        bs = self.block_size
         blocks = self.jump_table.blocks_for(offset, length)
         have: dict[int, bytes] = {}
         pending: dict[int, tuple[asyncio.Task, int]] = {}
@@ -283,12 +286,7 @@ class ZFileSource:
                 if task.cancelled():  # only aclose() cancels batches
                     raise ImageIOError(f"{self.name}: read aborted: source closed")
                 have[i] = task.result()[k]  # raises the batch's error
-        end = offset + length
-        for i in blocks:
-            bstart = i * bs
-            lo = max(offset, bstart)
-            hi = min(end, bstart + bs)
-            buf[lo - offset:hi - offset] = memoryview(have[i])[lo - bstart:hi - bstart]
+        self._copy_blocks(offset, buf, blocks, have)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -23,9 +23,10 @@ States:
 * STARTUP — the window (8 chunks at first) doubles each round while the rate grows ≥ 25 %,
   but never beyond 3 × rate × floor (the measurement lags a round; unchecked doubling
   overshoots into a queue that delays device reads for seconds). After 3 rounds without
-  such growth, or latency above `high` × floor, it leaves through PROBE_LATENCY (BBR's
-  Drain): the floor seen so far was measured with the initial burst queued.
-* PROBE_LATENCY — window = `min_bytes` until one request sent into the drained pipe
+  such growth, or latency above `high` × floor, it leaves: with `latency_probes` through
+  PROBE_LATENCY (BBR's Drain: the floor seen so far was measured with the initial burst
+  queued), without them straight to STEADY with an estimated floor (_steady_without_probe).
+* PROBE_LATENCY (`latency_probes` only) — window = `min_bytes` until one request sent into the drained pipe
   completes; its latency is the new floor. Also entered from STEADY when the floor has not
   been seen again for `base_window_s` (BBR's ProbeRTT), so a floor learned under load never
   ratchets the window up.
@@ -132,16 +133,16 @@ class AdaptiveWindow(FixedWindow):
         min_chunk: int = 256 << 10,
         max_chunk: int = 4 << 20,
         chunk_bdp_fraction: float = 1.0,
-        drain: bool = True,
+        latency_probes: bool = True,
     ):
         # auto_chunk: the request size (`chunk`, read by the filler before each request)
         # follows the link: a power of two near `chunk_bdp_fraction` × rate × RTT, in
         # [min_chunk, max_chunk]; RTT is the minimum time to first byte when the caller
         # reports it (on_complete(ttfb=...)), else the chunk latency floor.
         self.auto_chunk = auto_chunk
-        # drain=False (the scheduler's default): never empty the pipe to measure the latency
-        # floor; see _steady_without_probe
-        self.drain = drain
+        # latency_probes=False (the scheduler's default): never empty the pipe to measure the
+        # latency floor; see _steady_without_probe
+        self.latency_probes = latency_probes
         self.min_chunk, self.max_chunk = min_chunk, max(min_chunk, max_chunk)
         self.chunk_bdp_fraction = chunk_bdp_fraction
         self.chunk_changes = 0
@@ -274,7 +275,7 @@ class AdaptiveWindow(FixedWindow):
                 return
             if self._base is None or latency <= self._base:
                 self._base, self._base_stamp = latency, now
-            elif self.drain and self.state is WindowState.STEADY and now - self._base_stamp > self.base_window_s:
+            elif self.latency_probes and self.state is WindowState.STEADY and now - self._base_stamp > self.base_window_s:
                 # the floor is stale and may hide a queue: drain to min_bytes for one request
                 # so the next one measures an empty pipe (BBR's ProbeRTT, for requests)
                 self._enter_probe(now, saved=self.window_bytes)
@@ -405,7 +406,7 @@ class AdaptiveWindow(FixedWindow):
                 # auto_chunk: the request size is chosen here, so the probe measures its floor
                 if self.auto_chunk:
                     self._set_chunk(self.chunk_target())
-                if not self.drain:
+                if not self.latency_probes:
                     self._steady_without_probe(now, lat)
                     return
                 self._enter_probe(now, saved=None)
@@ -424,7 +425,7 @@ class AdaptiveWindow(FixedWindow):
             self._chunk_votes = self._chunk_votes + 1 if off else 0
             if self._chunk_votes >= 3:
                 self._set_chunk(target)
-                if not self.drain:
+                if not self.latency_probes:
                     self._steady_without_probe(now, lat)
                     return
                 self._enter_probe(now, saved=None)

@@ -124,7 +124,7 @@ class SchedulerOptions:
     hedge_min_gain: float = 0.5
     max_mbps: float | None = None  # None: from download.maxMBps
     # latency_probes: the adaptive window drains the pipe to measure its latency floor (BBR's
-    # Drain and ProbeRTT; AdaptiveWindow(drain=True)). Off by default: the floor is estimated
+    # Drain and ProbeRTT; AdaptiveWindow(latency_probes=True)). Off by default: the floor is estimated
     # instead, and each probe idled the link for a round trip or more (on the 200 ms rig: the
     # filler beside device reads went from 30.5 to 37.5 MB/s with their p90 within 1.1-1.4x of
     # an idle link's either way; docs/scheduler.md)
@@ -141,11 +141,11 @@ class SchedulerOptions:
             return AdaptiveWindow(
                 self.initial_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
                 auto_chunk=True, min_chunk=self.min_chunk, max_chunk=self.max_chunk,
-                initial_bytes=self.initial_requests * self.initial_chunk, drain=self.latency_probes,
+                initial_bytes=self.initial_requests * self.initial_chunk, latency_probes=self.latency_probes,
             )
         return AdaptiveWindow(
             self.fill_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
-            initial_bytes=self.initial_requests * self.fill_chunk, drain=self.latency_probes,
+            initial_bytes=self.initial_requests * self.fill_chunk, latency_probes=self.latency_probes,
         )
 
     @property
@@ -1023,52 +1023,41 @@ class Scheduler:
         while not self._closed:
             pick = self._next_fill_chunk()
             hedge = False
-            if pick is None and self._endgame():
-                pick = self._hedge_pick()
-                hedge = pick is not None
-                if pick is None:
-                    # look again in a round trip: a straggler shows only as time passes
-                    self._fill_wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._fill_wake.wait(), timeout=max(0.05, self._fill_ttfb or 0.2))
-                    continue
             if pick is None:
-                self._fill_wake.clear()
-                await self._fill_wake.wait()
-                continue
-            b, s, e = pick
-            if hedge:
-                admitted = await self._acquire(Priority.FILL, e - s)
-                if not admitted or b.fill_state is not FillState.ACTIVE or b.cache.is_present(s, e):
-                    if admitted:
-                        self.window.on_complete(self.clock(), e - s, 0.0, ok=False)
-                    self._pump_admission()
+                endgame = self._endgame()
+                pick = self._hedge_pick() if endgame else None
+                if pick is None:
+                    self._fill_wake.clear()
+                    if endgame:  # look again in a round trip: a straggler shows only as time passes
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._fill_wake.wait(), timeout=max(0.05, self._fill_ttfb or 0.2))
+                    else:
+                        await self._fill_wake.wait()
                     continue
-                self.stats.hedges += 1
-                self._launch(b, s, e, Priority.FILL, counted=True, overlay=True)
-                continue
+                hedge = True
+            b, s, e = pick
             n = e - s
             wait = self.bucket.reserve(n, self.clock())
             if wait > 0:
                 await asyncio.sleep(wait)
             admitted = await self._acquire(Priority.FILL, n)
-            # things moved while we waited: re-validate the range (no awaits from here on)
-            ok = (
-                admitted
-                and b.fill_state is FillState.ACTIVE
-                and not b.cache.verified
-                and not b.overlapping(s, e)
-                and b.cache.missing_runs(s, e)[:1] == [(s, e)]
+            # things moved while we waited: re-validate the range (no awaits from here on); a
+            # hedge overlaps its straggler by design, so it only needs the bytes still missing
+            ok = admitted and b.fill_state is FillState.ACTIVE and not b.cache.verified and (
+                not b.cache.is_present(s, e) if hedge
+                else not b.overlapping(s, e) and b.cache.missing_runs(s, e)[:1] == [(s, e)]
             )
             if not ok:
                 if admitted:
                     self.window.on_complete(self.clock(), n, 0.0, ok=False)
                 self.bucket.refund(n)
-                if b.fill_cursor == e:
+                if not hedge and b.fill_cursor == e:
                     b.fill_cursor = s
                 self._pump_admission()
                 continue
-            self._launch(b, s, e, Priority.FILL, counted=True)
+            if hedge:
+                self.stats.hedges += 1
+            self._launch(b, s, e, Priority.FILL, counted=True, overlay=hedge)
 
     # --- progress -----------------------------------------------------------------------------------
     @property

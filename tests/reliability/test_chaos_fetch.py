@@ -14,7 +14,8 @@ import subprocess
 
 import pytest
 
-from tests.reliability.helpers import DONE, durable_bytes, fetch_cmd, sha256, write_configs, zfile_blob
+from tests.reliability.helpers import durable_bytes, sha256, zfile_blob
+from tests.support.fetchcli import DONE, fetch_cmd, write_configs
 from tests.support.faultproxy import Fault
 from tests.support.paths import REPO_ROOT
 from tests.support.registry import push_blob, registry, wait_until  # noqa: F401  (fixture)

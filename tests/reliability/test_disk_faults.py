@@ -55,6 +55,21 @@ def small_fs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@contextlib.contextmanager
+def serve_process(gcfg: str, cfg: str, sock: Path, stderr: Path):
+    """A read-only `tcmu-obd serve` process on `sock`, listening when this yields (proc, the
+    stderr file); terminated on exit, which must be clean (exit 0)."""
+    with open(stderr, "w") as errlog:
+        proc = subprocess.Popen([*TCMU_OBD, "serve", "--global-config", gcfg, cfg, "--nbd", f"unix:{sock}",
+                                 "--read-only"], stdout=subprocess.PIPE, stderr=errlog, text=True)
+        try:
+            assert "listening on" in proc.stdout.readline()
+            yield proc, stderr
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=60) == 0
+
+
 def make_config(tmp_path: Path, registry, cache_dir: Path) -> tuple[str, str, str]:
     """(global config, image config, blob digest) for L1.lsmt pushed to the registry."""
     digest = push_blob(registry.url, "test/disk-faults", L1_BLOB)
@@ -136,21 +151,13 @@ def test_full_cache_disk_serve_and_export_read_right_bytes(tmp_path, reference, 
     with small_fs(tmp_path / "cachefs", "4m") as cache_dir:
         gcfg, cfg, digest = make_config(tmp_path, registry, cache_dir)
         sock = tmp_path / "nbd.sock"
-        errlog = open(tmp_path / "serve.err", "w+")
-        proc = subprocess.Popen([*TCMU_OBD, "serve", "--global-config", gcfg, cfg, "--nbd", f"unix:{sock}",
-                                 "--read-only"], stdout=subprocess.PIPE, stderr=errlog, text=True)
-        try:
-            assert "listening on" in proc.stdout.readline()
+        with serve_process(gcfg, cfg, sock, tmp_path / "serve.err") as (proc, stderr):
             for i in range(2):
                 assert asyncio.run(nbdcopy(sock, tmp_path / f"out{i}.raw", reference))
                 assert proc.poll() is None  # still serving
             st = os.statvfs(cache_dir)
             assert st.f_bavail * st.f_frsize < 64 * 1024  # the cache really filled its disk
-        finally:
-            proc.terminate()
-            assert proc.wait(timeout=60) == 0
-        errlog.seek(0)
-        err = errlog.read()
+        err = stderr.read_text()
         assert err.count(FULL_WARNING) == 1, err
         assert "No space left on device" in err
         assert "Traceback" not in err
@@ -245,22 +252,14 @@ def test_cache_file_truncated_under_serve_process_never_reads_zeros(tmp_path, re
     gcfg, cfg, digest = make_config(tmp_path, registry, tmp_path / "cache")
     data_path = tmp_path / "cache" / digest
     sock = tmp_path / "nbd.sock"
-    errlog = open(tmp_path / "serve.err", "w+")
-    proc = subprocess.Popen([*TCMU_OBD, "serve", "--global-config", gcfg, cfg, "--nbd", f"unix:{sock}",
-                             "--read-only"], stdout=subprocess.PIPE, stderr=errlog, text=True)
-    try:
-        assert "listening on" in proc.stdout.readline()
+    with serve_process(gcfg, cfg, sock, tmp_path / "serve.err") as (proc, stderr):
         assert asyncio.run(nbdcopy(sock, tmp_path / "out0.raw", reference))
         for size in (MiB + 123, 0):
             os.truncate(data_path, size)
             assert asyncio.run(nbdcopy(sock, tmp_path / f"out{size}.raw", reference))
             assert proc.poll() is None
             assert os.stat(data_path).st_size == L1_BLOB.stat().st_size  # made whole again
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=60) == 0
-    errlog.seek(0)
-    err = errlog.read()
+    err = stderr.read_text()
     assert err.count("truncated to") == 2, err
     assert "Traceback" not in err
 
