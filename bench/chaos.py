@@ -43,7 +43,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tcmu_obd.cache import PresenceMap  # noqa: E402
-from tests.reliability.helpers import durable_bytes, fetch_cmd, write_configs, zfile_blob  # noqa: E402
+from tests.reliability.helpers import durable_bytes, zfile_blob  # noqa: E402
+from tests.support.fetchcli import fetch_cmd, write_configs  # noqa: E402
 from tests.support.faultproxy import Fault, FaultProxy  # noqa: E402
 from tests.support.registry import RegistryProcess, push_blob  # noqa: E402
 
