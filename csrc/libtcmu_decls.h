@@ -74,6 +74,10 @@ void *tcmu_dev_get_private(struct tcmu_device *dev);
 void tcmu_dev_set_private(struct tcmu_device *dev, void *priv);
 const char *tcmu_dev_get_uio_name(struct tcmu_device *dev);
 int tcmu_dev_get_fd(struct tcmu_device *dev);
+/* the device's uio mapping (mailbox, ring, data area): *base and *len; returns the malloc'd
+ * name of the uio device (the caller frees it) or NULL. The last argument is an off_t * (8
+ * bytes on the 64-bit ABIs we build for); libtcmu skips it when NULL, as we pass it. */
+char *tcmu_dev_get_memory_info(struct tcmu_device *dev, void **base, size_t *len, int64_t *offset);
 char *tcmu_dev_get_cfgstring(struct tcmu_device *dev);
 void tcmu_dev_set_num_lbas(struct tcmu_device *dev, uint64_t num_lbas);
 uint64_t tcmu_dev_get_num_lbas(struct tcmu_device *dev);

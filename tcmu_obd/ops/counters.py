@@ -20,6 +20,11 @@ class CommandCounters:
         key = (device, opcode, status)
         self.counts[key] = self.counts.get(key, 0) + 1
 
+    def add(self, device: str, opcode: int, status: int, count: int) -> None:
+        """`count` completions at once (a batched ring drain)."""
+        key = (device, opcode, status)
+        self.counts[key] = self.counts.get(key, 0) + count
+
     def items(self) -> list[tuple[tuple[str, int, int], int]]:
         return list(self.counts.items())
 

@@ -48,6 +48,10 @@ def test_module_builds_and_imports():
         "tcmu_dev_get_cfgstring",
         "obd_copy_to_iovec",
         "obd_copy_from_iovec",
+        "obd_start_and_peek",
+        "obd_peek_commands",
+        "obd_complete_in_place",
+        "tcmu_dev_get_memory_info",
     ):
         assert callable(getattr(lib, name))
 
@@ -697,5 +701,175 @@ async def test_read_into_larger_buffer_zero_fills_stale_data_area():
     await k.wait_for(rd, inq)
     assert k.data_in(rd) == b"\x11" * BS + bytes(3 * BS)
     assert k.data_in(inq) == scsi.standard_inquiry() + bytes(200 - 36)
+    await device.aclose()
+    k.close(asyncio.get_running_loop())
+
+
+# --- batched drain: READs answered in place ------------------------------------------------------
+
+
+def test_ring_area_is_the_devices_mapping():
+    """RingOps.area comes from libtcmu's tcmu_dev_get_memory_info: the whole uio mapping."""
+    k = FakeKernel()
+    ring = binding.Device(k.ptr).ring()
+    assert len(ring.area) == MAP_LEN
+    ring.area[MAP_LEN - 4 :] = b"tail"
+    assert k.mem[MAP_LEN - 4 :] == b"tail"
+    k.close()
+
+
+def test_peek_reports_in_place_reads_only_when_they_qualify():
+    k = FakeKernel()
+    ring = binding.Device(k.ptr).ring()
+    num_lbas = 100
+    good = k.submit(rw10(0x28, 7, 2), data_len=2 * BS)
+    k.submit(rw16(0x88, 98, 2), data_len=2 * BS)  # in range: 98 + 2 = 100
+    k.submit(rw16(0x88, 99, 2), data_len=2 * BS)  # past the end
+    k.submit(rw10(0x28, 1, 2), data_len=2 * BS, iov_split=[BS, BS])  # two iovecs
+    k.submit(rw10(0x28, 1, 2), data_len=BS)  # buffer shorter than the transfer
+    k.submit(rw10(0x28, 1, 0))  # nothing to transfer
+    k.submit(rw10(0x2A, 1, 1), data_out=bytes(BS))  # a WRITE
+    n = ring.start(num_lbas, 9)
+    assert n == 7
+    rows = [tuple(ring.info[4 * i : 4 * i + 4]) for i in range(n)]
+    skip = ring.NOT_IN_PLACE
+    assert rows[0][0] == 7 * BS and rows[0][1] == 2 * BS and rows[0][3] == 0x28
+    assert rows[1][:2] == (98 * BS, 2 * BS) and rows[1][3] == 0x88
+    assert [r[0] for r in rows[2:]] == [skip] * 5
+    assert [r[3] for r in rows] == [0x28, 0x88, 0x88, 0x28, 0x28, 0x28, 0x2A]
+    # the reported buffer offset is where the command's data lives in the mapping
+    ring.area[rows[0][2] : rows[0][2] + 2 * BS] = b"\x5a" * (2 * BS)
+    ring.complete_in_place(0, 2 * BS)
+    k.collect()
+    assert k.responses[good][0] == ScsiStatus.GOOD and k.data_in(good) == b"\x5a" * (2 * BS)
+    for i in range(1, n):
+        binding.Device(k.ptr).complete(ring.adopt(i), ScsiStatus.GOOD, None)
+    k.close()
+
+
+class NowaitImage(MemoryImage):
+    """A MemoryImage with the synchronous read the image stack has (Image.read_into_nowait):
+    reads at `decline` LBAs scribble on the buffer and decline (the async path must redo them),
+    reads at `fail` LBAs raise from both paths."""
+
+    def __init__(self, *a, decline=(), fail=(), **kw):
+        super().__init__(*a, **kw)
+        self.decline, self.fail = set(decline), set(fail)
+        self.nowait_calls = self.async_calls = 0
+
+    def read_into_nowait(self, offset, buf):
+        self.nowait_calls += 1
+        lba = offset // BS
+        if lba in self.fail:
+            raise RuntimeError(f"bad block {lba}")
+        if lba in self.decline:
+            buf[: min(len(buf), 7)] = b"garbage"[: len(buf)]
+            return False
+        buf[:] = self._buf[offset : offset + len(buf)]
+        return True
+
+    async def read_into(self, offset, buf):
+        self.async_calls += 1
+        if offset // BS in self.fail:
+            raise RuntimeError(f"bad block {offset // BS}")
+        await super().read_into(offset, buf)
+
+
+def rw16(op, lba, n):
+    return struct.pack(">BBQIBB", op, 0, lba, n, 0, 0)
+
+
+async def test_batched_drain_answers_reads_in_place_and_everything_else_as_before():
+    from tcmu_obd.ops.counters import SCSI_COMMANDS
+
+    data = os.urandom(256 * BS)
+    image = NowaitImage(256 * BS, data=data)
+    k = FakeKernel()
+    device = await start_device(k, image)
+    assert device._ring is not None  # the real binding offers the batched drain
+    good_before = SCSI_COMMANDS.counts.get(("uio99", 0x28, ScsiStatus.GOOD), 0)
+    expect: dict[int, tuple[int, bytes]] = {}
+    # more commands than one C call takes (RingOps.batch): the drain goes round again
+    for i in range(40):
+        lba, n = (i * 37) % 250, 1 + i % 4
+        cid = k.submit(rw10(0x28, lba, n), data_out=b"\xee" * (n * BS))  # stale bytes in the data area
+        expect[cid] = (ScsiStatus.GOOD, data[lba * BS : (lba + n) * BS])
+    r16 = k.submit(rw16(0x88, 200, 8), data_len=8 * BS)
+    expect[r16] = (ScsiStatus.GOOD, data[200 * BS : 208 * BS])
+    # a data buffer longer than the transfer: the rest is zeroed, not left stale
+    longer = k.submit(rw10(0x28, 3, 1), data_out=b"\xee" * (3 * BS))
+    expect[longer] = (ScsiStatus.GOOD, data[3 * BS : 4 * BS] + bytes(2 * BS))
+    # two iovecs: the general path (scatter copy)
+    split = k.submit(rw10(0x28, 9, 2), data_len=2 * BS, iov_split=[BS + 7, BS - 7])
+    expect[split] = (ScsiStatus.GOOD, data[9 * BS : 11 * BS])
+    zero = k.submit(rw10(0x28, 5, 0))
+    past = k.submit(rw10(0x28, 255, 2), data_len=2 * BS)
+    inq = k.submit(bytes([0x12, 0, 0, 0, 36, 0]), data_len=36)
+    k.wake()
+    await k.wait_for(*expect, zero, past, inq)
+    for cid, (status, payload) in expect.items():
+        assert k.responses[cid][0] == status, cid
+        assert k.data_in(cid) == payload, cid
+    assert k.responses[zero][0] == ScsiStatus.GOOD
+    assert scsi.parse_sense(k.responses[past][1]) == scsi.LBA_OUT_OF_RANGE
+    assert k.data_in(inq) == scsi.standard_inquiry()
+    assert device.completed == len(expect) + 3
+    assert image.async_calls == 0  # every read was answered without a coroutine
+    # in-place reads are counted like the others: every READ(10) but the one past the end
+    # (the READ(16) in `expect` counts under its own opcode; the zero-length READ(10) is GOOD)
+    reads10_good = len(expect) - 1 + 1
+    assert SCSI_COMMANDS.counts[("uio99", 0x28, ScsiStatus.GOOD)] - good_before == reads10_good
+    assert SCSI_COMMANDS.counts[("uio99", 0x88, ScsiStatus.GOOD)] >= 1
+    await device.aclose()
+    k.close(asyncio.get_running_loop())
+
+
+async def test_batched_drain_hands_declined_and_failing_reads_to_the_general_path():
+    data = os.urandom(64 * BS)
+    image = NowaitImage(64 * BS, data=data, decline={10}, fail={20})
+    k = FakeKernel()
+    device = await start_device(k, image)
+    before = k.submit(rw10(0x28, 2, 2), data_len=2 * BS)
+    declined = k.submit(rw10(0x28, 10, 3), data_len=3 * BS)
+    failing = k.submit(rw10(0x28, 20, 1), data_len=BS)
+    after = k.submit(rw10(0x28, 30, 1), data_len=BS)
+    k.wake()
+    await k.wait_for(before, declined, failing, after)
+    assert k.data_in(before) == data[2 * BS : 4 * BS]
+    assert k.responses[declined][0] == ScsiStatus.GOOD
+    assert k.data_in(declined) == data[10 * BS : 13 * BS]  # the scribble was overwritten
+    status, sense = k.responses[failing]
+    assert status == ScsiStatus.CHECK_CONDITION and scsi.parse_sense(sense) == scsi.INTERNAL_TARGET_FAILURE
+    assert k.data_in(after) == data[30 * BS : 31 * BS]
+    assert image.async_calls >= 2  # the declined and the failing read took the async path
+    # the device keeps serving in place afterwards
+    again = k.submit(rw10(0x28, 40, 1), data_len=BS)
+    k.wake()
+    await k.wait_for(again)
+    assert k.data_in(again) == data[40 * BS : 41 * BS]
+    await device.aclose()
+    k.close(asyncio.get_running_loop())
+
+
+async def test_device_serves_one_command_at_a_time_when_the_batched_drain_is_unavailable():
+    class NoRing(binding.Device):
+        __slots__ = ()
+
+        def ring(self):
+            raise binding.TcmuError("libtcmu: no memory map information for the device")
+
+    data = os.urandom(16 * BS)
+    image = NowaitImage(16 * BS, data=data)
+    k = FakeKernel()
+    k.attach_loop(asyncio.get_running_loop())
+    handle = NoRing(k.ptr)
+    info = DeviceInfo(num_lbas=16, read_only=False, wwn="0011223344", cfgstring=handle.cfgstring)
+    device = TcmuDevice(handle, CommandProcessor(image, info), name="uio99")
+    assert device._ring is None
+    device.start()
+    rd = k.submit(rw10(0x28, 3, 2), data_len=2 * BS)
+    k.wake()
+    await k.wait_for(rd)
+    assert k.responses[rd][0] == ScsiStatus.GOOD and k.data_in(rd) == data[3 * BS : 5 * BS]
     await device.aclose()
     k.close(asyncio.get_running_loop())

@@ -21,6 +21,7 @@ valid only until then.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import threading
 from typing import Any, Protocol
@@ -165,10 +166,11 @@ def set_module_param(name: str, value: int) -> bool:
 class Device:
     """A `struct tcmu_device *` (owned by libtcmu; valid until `removed` returns)."""
 
-    __slots__ = ("_dev",)
+    __slots__ = ("_dev", "_ring")
 
     def __init__(self, dev_ptr: Any):
         self._dev = dev_ptr
+        self._ring: RingOps | None = None
 
     @property
     def key(self) -> int:
@@ -214,6 +216,12 @@ class Device:
             return None
         return CommandHandle(p)
 
+    def ring(self) -> "RingOps":
+        """The batched drain over this device (TcmuDevice uses it when the handle has one)."""
+        if self._ring is None:
+            self._ring = RingOps(self._dev)
+        return self._ring
+
     def complete_good(self, cmd: "CommandHandle", data: bytes | bytearray | memoryview | None) -> None:
         """GOOD with data-in, in one C call: scatter data into the iovecs, zero what is left
         of them, complete and free the command (cmd is dead afterwards)."""
@@ -237,6 +245,44 @@ class Device:
             result = TCMU_STS_BUSY
         ptr, cmd._cmd = cmd._cmd, None
         lib.tcmulib_command_complete(self._dev, ptr, result)
+
+
+class RingOps:
+    """The ring calls of TcmuDevice's batched drain, bound to one device.
+
+    `start(num_lbas, block_shift)` acknowledges the uio event and takes up to a batch of
+    queued commands in one C call (`more(...)` takes the next batch); `info` then holds 4
+    words per command: the disk offset of a READ that may be answered in place (NOT_IN_PLACE
+    otherwise), its length, its buffer's offset in the data area (`area`, a writable view of
+    the whole mapping) and the opcode. `complete_in_place(i, filled)` answers command i GOOD,
+    `adopt(i)` makes a CommandHandle of it for the general path, `notify()` wakes the kernel.
+    The attributes are bound C calls, so the drain loop pays no Python frame for them."""
+
+    NOT_IN_PLACE = (1 << 64) - 1
+    __slots__ = ("batch", "info", "area", "start", "more", "complete_in_place", "notify", "_cmds", "_info_c")
+
+    def __init__(self, dev_ptr: Any, batch: int = 32):
+        base, length = ffi.new("void **"), ffi.new("size_t *")
+        name = lib.tcmu_dev_get_memory_info(dev_ptr, base, length, ffi.NULL)
+        if name == ffi.NULL:
+            raise TcmuError("libtcmu: no memory map information for the device")
+        lib.free(name)
+        area_ptr = ffi.cast("uint8_t *", base[0])
+        area_len = length[0]
+        self.batch = batch
+        self.area = memoryview(ffi.buffer(area_ptr, area_len))
+        self._cmds = ffi.new("struct tcmulib_cmd *[]", batch)
+        self._info_c = ffi.new("uint64_t[]", 4 * batch)
+        self.info = memoryview(ffi.buffer(self._info_c)).cast("Q")
+        self.start = functools.partial(lib.obd_start_and_peek, dev_ptr, self._cmds, self._info_c, batch,
+                                       area_ptr, area_len)
+        self.more = functools.partial(lib.obd_peek_commands, dev_ptr, self._cmds, self._info_c, batch,
+                                      area_ptr, area_len)
+        self.complete_in_place = functools.partial(lib.obd_complete_in_place, dev_ptr, self._cmds)
+        self.notify = functools.partial(lib.tcmulib_processing_complete, dev_ptr)
+
+    def adopt(self, i: int) -> "CommandHandle":
+        return CommandHandle(self._cmds[i])
 
 
 class CommandHandle:

@@ -139,6 +139,13 @@ class CommandProcessor:
 
     # -- dispatch ---------------------------------------------------------------------------
 
+    @property
+    def read_nowait(self) -> Callable[[int, memoryview], bool] | None:
+        """The image's synchronous read (Image.read_into_nowait(offset, buf) -> bool), or None.
+        The TCMU device's batched drain answers READs with it straight into the command's
+        buffer; a decline or an error sends the command down the general path (submit)."""
+        return self._read_nowait
+
     def submit(self, cmd: Command) -> Response | Coroutine[Any, Any, Response]:
         """Returns a Response for commands answered synchronously, else a coroutine to run."""
         try:
