@@ -12,13 +12,26 @@ from . import __version__, tools
 from .errors import ObdError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _tool_modules(argv: list[str] | None) -> list[str]:
+    """The tool modules to import: only the one whose command argv names (the first word that
+    is not an option), else all of them (--help, a typo, no command)."""
+    words = sys.argv[1:] if argv is None else argv
+    first = next((w for w in words if not w.startswith("-")), None)
+    if first in tools.COMMANDS:
+        return [tools.COMMANDS[first]]
+    return sorted(m.name for m in pkgutil.iter_modules(tools.__path__))
+
+
+def build_parser(argv: list[str] | None = None, *, every_command: bool = True) -> argparse.ArgumentParser:
+    """The CLI parser. every_command=False registers only the command argv names (faster
+    start; `main` uses it), falling back to every command when argv names none."""
     parser = argparse.ArgumentParser(prog="tcmu-obd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tcmu-obd {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for info in sorted(pkgutil.iter_modules(tools.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{tools.__name__}.{info.name}")
+    names = sorted(m.name for m in pkgutil.iter_modules(tools.__path__)) if every_command else _tool_modules(argv)
+    for name in names:
+        module = importlib.import_module(f"{tools.__name__}.{name}")
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
@@ -35,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv, every_command=False)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
