@@ -14,6 +14,7 @@ from tcmu_obd.remote.registry import RegistryClient
 from tcmu_obd.scheduler import Priority, Scheduler, SchedulerOptions
 from tests.support.paths import FIXTURES_OBD
 from tests.support.registry import push_blob, registry  # noqa: F401  (fixture)
+from tests.support.scheduling import transfers_done
 
 pytestmark = pytest.mark.registry
 
@@ -88,6 +89,7 @@ async def test_dir_lower_reads_then_commits_and_switches(tmp_path, registry):  #
         buf = bytearray(n)
         await src.read_into(off, memoryview(buf))
         assert buf == data[off : off + n]
+    await transfers_done(sched)
     assert sched.stats.bytes_fetched[Priority.FOREGROUND] > 0
     assert (layer_dir / ".download").exists()
     sched.start_fill(src, delay=0)
@@ -160,6 +162,7 @@ async def test_image_stack_over_remote_lowers(tmp_path, registry):  # noqa: F811
             n = rnd.randint(1, 64) * 512
             n = min(n, remote.size - off)
             assert await remote.read(off, n) == await local.read(off, n)
+        await transfers_done(sched)
         assert sched.stats.bytes_fetched[Priority.FOREGROUND] > 0
     finally:
         await remote.aclose()
@@ -191,6 +194,7 @@ async def test_trace_replay_prefetches_at_prefetch_priority(tmp_path, registry):
         records.append(TraceRecord("R", 7, 4096, 0))  # no such layer: skipped
         st = await replay_trace(records, layers, concurrency=4)
         assert (st.records, st.skipped, st.failed) == (12, 2, 0)
+        await transfers_done(sched)  # counters are updated when a transfer ends
         assert sched.stats.bytes_fetched[Priority.PREFETCH] > 0
         before = sched.stats.total_fetched
         assert before > opened

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 
@@ -12,6 +11,7 @@ from tcmu_obd.image.stack import open_image
 from tcmu_obd.scheduler import Priority, Scheduler
 from tests.support.paths import FIXTURES_OBD
 from tests.support.registry import push_blob
+from tests.support.scheduling import transfers_done
 
 LAYERS = FIXTURES_OBD / "ext4-chain" / "layers"
 
@@ -59,10 +59,7 @@ async def test_record_then_replay_prefetches_what_was_read(tmp_path, registry):
             present_at_open = sum(b.cache.present_bytes for b in scheduler._blobs.values())
             stats = await image.trace_replay
             assert stats.records == len(records) and stats.failed == 0
-            # a reader is released as soon as its own bytes land; the refill-aligned rest of its
-            # transfer may still be arriving, and a transfer is counted when it ends
-            transfers = [t.task for b in scheduler._blobs.values() for t in (*b.inflight, *b.extra) if t.task]
-            await asyncio.gather(*transfers, return_exceptions=True)
+            await transfers_done(scheduler)  # counters are updated when a transfer ends
             present_after = sum(b.cache.present_bytes for b in scheduler._blobs.values())
             diag = (dict(scheduler.stats.bytes_fetched), dict(scheduler.stats.requests),
                     dict(scheduler.stats.failures), present_at_open, present_after,

@@ -29,6 +29,7 @@ from tcmu_obd.image.stack import open_image
 from tcmu_obd.scheduler import Scheduler, SchedulerOptions
 from tests.support.paths import FIXTURES_OBD
 from tests.support.registry import push_blob
+from tests.support.scheduling import transfers_done
 
 pytestmark = pytest.mark.registry
 
@@ -241,6 +242,7 @@ async def test_cache_file_deleted_under_running_server_is_recreated(tmp_path, re
         assert await nbdcopy(sock, tmp_path / "out1.raw", reference)
         assert cache.lost == 1
         assert os.path.exists(cache.data_path)
+        await transfers_done(scheduler)  # counters are updated when a transfer ends
         assert scheduler.stats.total_fetched - fetched >= cached // 2  # fetched again, not read from the ghost
         assert os.stat(cache.data_path).st_blocks * 512 >= cached // 2  # and stored in the new file
 
