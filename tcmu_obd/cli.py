@@ -12,6 +12,10 @@ from . import __version__, tools
 from .errors import ObdError
 
 
+def _all_tool_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(tools.__path__))
+
+
 def _tool_modules(argv: list[str] | None) -> list[str]:
     """The tool modules to import: only the one whose command argv names (the first word that
     is not an option), else all of them (--help, a typo, no command)."""
@@ -19,7 +23,7 @@ def _tool_modules(argv: list[str] | None) -> list[str]:
     first = next((w for w in words if not w.startswith("-")), None)
     if first in tools.COMMANDS:
         return [tools.COMMANDS[first]]
-    return sorted(m.name for m in pkgutil.iter_modules(tools.__path__))
+    return _all_tool_modules()
 
 
 def build_parser(argv: list[str] | None = None, *, every_command: bool = True) -> argparse.ArgumentParser:
@@ -29,7 +33,7 @@ def build_parser(argv: list[str] | None = None, *, every_command: bool = True) -
     parser.add_argument("--version", action="version", version=f"tcmu-obd {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    names = sorted(m.name for m in pkgutil.iter_modules(tools.__path__)) if every_command else _tool_modules(argv)
+    names = _all_tool_modules() if every_command else _tool_modules(argv)
     for name in names:
         module = importlib.import_module(f"{tools.__name__}.{name}")
         register = getattr(module, "register", None)

@@ -56,14 +56,14 @@ async def test_record_then_replay_prefetches_what_was_read(tmp_path, registry):
             assert image.trace_replay is not None
             # opening fetched headers and indexes (FOREGROUND); the replay has not run yet
             fg_at_open = scheduler.stats.requests[Priority.FOREGROUND]
-            present_at_open = sum(b.cache.present_bytes for b in scheduler._blobs.values())
+            present_at_open = sum(b.cache.present_bytes for b in scheduler.blobs())
             stats = await image.trace_replay
             assert stats.records == len(records) and stats.failed == 0
             await transfers_done(scheduler)  # counters are updated when a transfer ends
-            present_after = sum(b.cache.present_bytes for b in scheduler._blobs.values())
+            present_after = sum(b.cache.present_bytes for b in scheduler.blobs())
             diag = (dict(scheduler.stats.bytes_fetched), dict(scheduler.stats.requests),
                     dict(scheduler.stats.failures), present_at_open, present_after,
-                    [(b.digest[:19], b.size, b.cache.present_bytes, b.cache.gate.closed) for b in scheduler._blobs.values()])
+                    [(b.digest[:19], b.size, b.cache.present_bytes, b.cache.gate.closed) for b in scheduler.blobs()])
             # the replay fetched nothing at foreground priority, and the 256 KiB read (in L1, past
             # what opening fetched) came in at PREFETCH priority into the cache
             assert scheduler.stats.requests[Priority.FOREGROUND] == fg_at_open, diag

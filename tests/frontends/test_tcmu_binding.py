@@ -27,6 +27,7 @@ from tcmu_obd.frontends.tcmu.daemon import Daemon, DaemonConfig
 from tcmu_obd.frontends.tcmu.device import DeviceState, TcmuDevice
 from tcmu_obd.frontends.tcmu.scsi import DeviceInfo, ScsiStatus
 from tcmu_obd.image.memory import MemoryImage
+from tests.support.cdb import rw10, rw16
 
 BS = 512
 
@@ -261,10 +262,6 @@ class FakeKernel:
             loop.remove_reader(self.kern_sock.fileno())
         self.user_sock.close()
         self.kern_sock.close()
-
-
-def rw10(op, lba, n, flags=0):
-    return struct.pack(">BBIBHB", op, flags, lba, 0, n, 0)
 
 
 # --- raw libtcmu calls on the fake ring -------------------------------------------------------
@@ -773,10 +770,6 @@ class NowaitImage(MemoryImage):
         if offset // BS in self.fail:
             raise RuntimeError(f"bad block {offset // BS}")
         await super().read_into(offset, buf)
-
-
-def rw16(op, lba, n):
-    return struct.pack(">BBQIBB", op, 0, lba, n, 0, 0)
 
 
 async def test_batched_drain_answers_reads_in_place_and_everything_else_as_before():

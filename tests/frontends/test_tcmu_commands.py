@@ -22,6 +22,7 @@ from tcmu_obd.frontends.tcmu import scsi
 from tcmu_obd.frontends.tcmu.commands import CommandProcessor, IoPolicy, Response, is_retriable
 from tcmu_obd.frontends.tcmu.scsi import DeviceInfo, ScsiStatus
 from tcmu_obd.image.memory import MemoryImage
+from tests.support.cdb import rw10, rw16
 
 BS = 512
 NBLK = 256
@@ -40,14 +41,6 @@ class FakeCommand:
     def read_data_out(self, length: int) -> bytes:
         self.reads_of_data_out += 1
         return self._out[: min(length, self.data_length)]
-
-
-def rw10(op, lba, n, flags=0):
-    return struct.pack(">BBIBHB", op, flags, lba, 0, n, 0)
-
-
-def rw16(op, lba, n, flags=0):
-    return struct.pack(">BBQIBB", op, flags, lba, n, 0, 0)
 
 
 def make(read_only=False, data=None, policy=None, image=None):

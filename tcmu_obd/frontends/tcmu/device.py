@@ -40,7 +40,6 @@ from .scsi import CheckCondition, ScsiStatus
 log = logging.getLogger(__name__)
 
 
-
 def _aborted() -> Response:
     return Response.check(CheckCondition(scsi.COMMAND_ABORTED, "device closing"))
 
@@ -88,6 +87,8 @@ class TcmuDevice:
             self._ring = None  # the in-place path needs a power-of-two block size
         # the READ fast path of the batched drain: the image's synchronous read, if it has one
         self._read_nowait = processor.read_nowait
+        # tcmulib_processing_complete: the ring's bound C call when there is one
+        self._kick = self._ring.notify if self._ring is not None else handle.processing_complete
 
     def __repr__(self) -> str:
         return f"<TcmuDevice {self.name} {self.state.value} inflight={len(self._inflight)}>"
@@ -171,11 +172,8 @@ class TcmuDevice:
                 self._count_in_place(0x28, read10)
             if read16:
                 self._count_in_place(0x88, read16)
-        if self._batch_completed and not self._notify_pending and self.state is not DeviceState.CLOSED:
-            try:
-                ring.notify()  # one kernel wakeup for everything answered in this batch
-            except Exception:
-                log.exception("%s: error notifying the kernel", self.name)
+        if self._batch_completed and not self._notify_pending:
+            self._notify()  # one kernel wakeup for everything answered in this batch
 
     def _count_in_place(self, opcode: int, n: int) -> None:
         SCSI_COMMANDS.add(self.name, opcode, ScsiStatus.GOOD, n)
@@ -252,7 +250,7 @@ class TcmuDevice:
         if self.state is DeviceState.CLOSED:
             return
         try:
-            self.handle.processing_complete()
+            self._kick()
         except Exception:
             log.exception("%s: error notifying the kernel", self.name)
 
