@@ -39,7 +39,10 @@ def test_fetch_fills_every_remote_lower(tmp_path, registry, capsys):  # noqa: F8
         assert sorted(os.listdir(tmp_path / f"layer{i}")) == ["overlaybd.commit"]
     m = DONE.search(capsys.readouterr().out)
     assert m and int(m.group(1)) == 2 and int(m.group(2)) == sum(s for _, s in blobs)
-    assert json.loads(stats.read_text())["ok"] is True
+    s = json.loads(stats.read_text())
+    assert s["ok"] is True
+    # the first requests rode connections opened while the program was still loading
+    assert s["preconnect"]["taken"] >= 1 and s["preconnect"]["discarded"] == 0, s["preconnect"]
     # run again: everything is local now, nothing to do
     assert main(["fetch", "--global-config", str(gconf), "--progress", "none", str(conf)]) == 0
     assert "nothing to do" in capsys.readouterr().out
@@ -108,3 +111,15 @@ def test_interrupted_mid_fill_then_resume(tmp_path, registry, sig):  # noqa: F81
     assert fetched <= size - at_kill  # resumed: what was durable was not fetched again
     assert fetched < size
     assert (tmp_path / "layer0" / "overlaybd.commit").read_bytes() == data
+
+
+def test_fetch_options_start_wide_and_staggered():
+    """fetch has the link to itself: a wide first burst (64 requests on connections opened
+    early) whose request sizes are staggered; a daemon's scheduler keeps the defaults."""
+    from tcmu_obd.cli import build_parser
+    from tcmu_obd.scheduler import SchedulerOptions
+    from tcmu_obd.tools.fetch import _options
+
+    o = _options(build_parser(["fetch", "c.json"]).parse_args(["fetch", "c.json"]))
+    assert (o.mode, o.initial_requests, o.stagger_first_burst) == ("adaptive", 64, True)
+    assert SchedulerOptions().stagger_first_burst is False and SchedulerOptions().initial_requests == 8

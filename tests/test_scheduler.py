@@ -641,3 +641,50 @@ async def test_fill_endgame_requests_a_stragglers_back_half_again(tmp_path):
     with open(b.cache.path, "rb") as fh:
         assert fh.read() == data
     await s.aclose()
+
+
+async def test_first_fill_burst_has_staggered_sizes(tmp_path):
+    """Adaptive mode with stagger_first_burst (fetch's): the first `initial_requests` fill
+    requests go from 1/2 to 3/2 of the chunk (same total), so the fresh connections that carry
+    them do not all end in the same round trip; later requests keep the chunk size."""
+    data, digest = make_blob(5, 32 * MiB)
+    url = f"http://reg/v2/r/blobs/{digest}"
+    f = FakeFetcher({url: data}, gated=True)
+    gc = GlobalConfig(download=replace(DownloadConfig(), delay=0, delay_extra=0, max_mbps=0))
+    store = CacheStore(str(tmp_path / "cache"), 0, REFILL, commit_interval=0.01)
+    s = Scheduler(f, store, gc, SchedulerOptions(mode="adaptive", fill_chunk=1 * MiB, initial_requests=8,
+                                                 max_concurrency=8, stagger_first_burst=True))
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await f.wait_calls(8)
+    sizes = [c.length for c in f.calls[:8]]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 8, sizes
+    assert sizes[0] == MiB // 2 and sizes[-1] == 3 * MiB // 2
+    assert abs(sum(sizes) - 8 * MiB) <= 8 * 4096
+    assert all(c.offset % 4096 == 0 for c in f.calls[:8])
+    f.calls[0].release.set()
+    f.calls[1].release.set()  # 1.1 MiB of the 8 MiB window free: room for one more request
+    ninth = await f.wait_calls(9)
+    assert ninth.length == MiB  # the burst is over: back to the chunk
+    f.gated = False
+    for c in f.calls:
+        c.release.set()
+    await s.wait_filled(b)
+    with open(b.cache.path, "rb") as fh:
+        assert fh.read() == data
+    await s.aclose()
+
+
+@pytest.mark.parametrize("mode,stagger", [("fixed", True), ("adaptive", False)])
+async def test_no_stagger_in_fixed_mode_or_by_default(tmp_path, blob_a, mode, stagger):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data}, gated=True)
+    gc = GlobalConfig(download=replace(DownloadConfig(), delay=0, delay_extra=0, max_mbps=0))
+    store = CacheStore(str(tmp_path / "cache"), 0, REFILL, commit_interval=0.01)
+    s = Scheduler(f, store, gc, SchedulerOptions(mode=mode, fill_chunk=1 * MiB, fixed_concurrency=4, initial_requests=4,
+                                                 max_concurrency=4, stagger_first_burst=stagger))
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await f.wait_calls(4)
+    assert [c.length for c in f.calls[:4]] == [MiB] * 4
+    await s.aclose()

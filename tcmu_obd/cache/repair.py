@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 
 from ..errors import FormatError
-from ..format import tar as tarfmt
-from ..format import zfile as zf
 
 PAGE = 4096
 BATCH = 4 << 20  # stored bytes checked per read
@@ -47,6 +45,11 @@ def locate_damage(path: str, size: int) -> list[tuple[int, int]] | None:
 
 
 def _locate(fd: int, name: str, size: int) -> list[tuple[int, int]] | None:
+    # Imported here, not at the top: only a digest mismatch needs the codecs, and loading them
+    # (crc32c reads its package metadata) is ~45 ms of every `fetch` start-up otherwise.
+    from ..format import tar as tarfmt
+    from ..format import zfile as zf
+
     head = _pread(fd, 0, min(size, tarfmt.DETECT_BYTES))
     base, zsize = 0, size
     payload = tarfmt.detect(head, blob_size=size, source=name)

@@ -1,40 +1,37 @@
 """remote/: one aiohttp session to OCI registries — auth, token refresh, redirects, mirrors, ranged GETs.
 
 Never priority or cache policy (that is the scheduler's). See docs/registry.md.
+
+The names below are loaded on first use, so that `remote.endpoints` and `remote.preconnect`
+can run before aiohttp is imported (see preconnect.py).
 """
 
-from .auth import Authenticator, parse_challenge, repository_of
-from .credentials import (
-    Credential,
-    CredentialProvider,
-    candidate_keys,
-    match_auths,
-    match_docker_config,
-    parse_auths,
-)
-from .registry import (
-    ClientStats,
-    RangeNotSatisfiable,
-    RegistryClient,
-    RemoteBlob,
-    RetryPolicy,
-    Timeouts,
-)
+from __future__ import annotations
 
-__all__ = [
-    "Authenticator",
-    "ClientStats",
-    "Credential",
-    "CredentialProvider",
-    "RangeNotSatisfiable",
-    "RegistryClient",
-    "RemoteBlob",
-    "RetryPolicy",
-    "Timeouts",
-    "candidate_keys",
-    "match_auths",
-    "match_docker_config",
-    "parse_auths",
-    "parse_challenge",
-    "repository_of",
-]
+import importlib
+
+_WHERE = {
+    "Authenticator": "auth",
+    "parse_challenge": "auth",
+    "repository_of": "auth",
+    "Credential": "credentials",
+    "CredentialProvider": "credentials",
+    "candidate_keys": "credentials",
+    "match_auths": "credentials",
+    "match_docker_config": "credentials",
+    "parse_auths": "credentials",
+    "ClientStats": "registry",
+    "RangeNotSatisfiable": "registry",
+    "RegistryClient": "registry",
+    "RemoteBlob": "registry",
+    "RetryPolicy": "registry",
+    "Timeouts": "registry",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -20,11 +20,13 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from ..cache import CacheStore
 from ..config import load_global_config, load_image_config, local_layer_candidates
-from ..ops.observability import ServiceOps, add_arguments
-from ..scheduler import Priority, Scheduler, SchedulerOptions
+from ..ops.observability import add_arguments
+
+if TYPE_CHECKING:
+    from ..scheduler import Scheduler
 
 log = logging.getLogger("tcmu_obd.fetch")
 MiB = 1 << 20
@@ -81,11 +83,48 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    return asyncio.run(fetch(args))
+    gc = load_global_config(args.global_config)
+    cfg = load_image_config(args.config, gc)
+    remote = [
+        lower
+        for lower in cfg.lowers
+        if lower.digest and not any(os.path.exists(p) for p in local_layer_candidates(lower))
+    ]
+    # The first burst's TCP handshakes run in the kernel while the HTTP client, cache and
+    # scheduler modules load below (~0.3 s, more than a far registry's round trip).
+    opts = _options(args)
+    early = _preconnect(gc, cfg, remote, opts)
+    try:
+        return asyncio.run(fetch(args, gc, cfg, remote, opts, early))
+    finally:
+        if early is not None:
+            early.close()
 
 
-def _options(args) -> SchedulerOptions:
-    o = SchedulerOptions(mode=args.mode, max_mbps=args.max_mbps, initial_requests=args.initial_requests)
+def _preconnect(gc, cfg, remote, opts):
+    """A started Preconnector to the first host the blob reads will go to, or None (nothing
+    remote, a proxy in the way, or an unusable URL)."""
+    from ..remote.endpoints import endpoints
+    from ..remote.preconnect import Preconnector, proxied
+
+    if not remote or not cfg.repo_blob_url:
+        return None
+    first = endpoints(gc, cfg.blob_url(remote[0].digest))[0].connect_url
+    if proxied(first, os.environ):
+        return None
+    count = {"upstream": 1, "fixed": opts.fixed_concurrency}.get(opts.mode, opts.initial_requests)
+    try:
+        return Preconnector(first, max(1, min(count, opts.max_concurrency))).start()
+    except ValueError as e:
+        log.debug("no preconnect: %s", e)
+        return None
+
+
+def _options(args):
+    from ..scheduler import SchedulerOptions
+
+    o = SchedulerOptions(mode=args.mode, max_mbps=args.max_mbps, initial_requests=args.initial_requests,
+                         stagger_first_burst=True)
     if args.chunk_size:
         o.fill_chunk = args.chunk_size
     if args.max_inflight:
@@ -98,21 +137,16 @@ def _options(args) -> SchedulerOptions:
     return o
 
 
-async def fetch(args) -> int:
+async def fetch(args, gc, cfg, remote, opts, early=None) -> int:
+    from ..cache import CacheStore
+    from ..ops.observability import ServiceOps
     from ..remote.registry import RegistryClient, Timeouts
+    from ..scheduler import Priority, Scheduler
 
-    gc = load_global_config(args.global_config)
-    cfg = load_image_config(args.config, gc)
-    remote = [
-        lower
-        for lower in cfg.lowers
-        if lower.digest and not any(os.path.exists(p) for p in local_layer_candidates(lower))
-    ]
     if not remote:
         print("fetch: nothing to do: every lower is local", flush=True)
         print("fetch: done blobs=0 fetched_bytes=0 requests=0 seconds=0.0 mbps=0.0", flush=True)
         return 0
-    opts = _options(args)
     timeouts = None
     if args.read_timeout is not None:
         if args.read_timeout <= 0:
@@ -120,7 +154,8 @@ async def fetch(args) -> int:
             return 2
         timeouts = Timeouts(sock_read=args.read_timeout)
     ops = ServiceOps("fetch", gc, args.control_socket)
-    client = RegistryClient(gc, max_connections=max(64, opts.max_concurrency + 8), timeouts=timeouts)
+    client = RegistryClient(gc, max_connections=max(64, opts.max_concurrency + 8), timeouts=timeouts,
+                            socket_factory=early.socket_factory if early is not None else None)
     store = CacheStore.from_config(gc)
     sched = Scheduler(client, store, gc, opts)
     if args.mode == "upstream" and args.chunk_size:
@@ -130,14 +165,21 @@ async def fetch(args) -> int:
     display = None
     rc = 1
     try:
-        await ops.start(info={"config": args.config})
         for lower in remote:
             sources.append(await sched.open_blob(cfg, lower))
         for src in sources:
             sched.start_fill(src, delay=0)
+        waits = [asyncio.ensure_future(sched.wait_filled(s)) for s in sources]
+        # The control socket, metrics and progress display load ~50 ms of modules (aiohttp.web,
+        # prometheus_client, rich). Until the first response arrives every millisecond of CPU
+        # spent here delays the first requests, so they start then (or after a second at most:
+        # a fetch stuck on an unreachable registry must still answer `tcmu-obd status`).
+        receiving = asyncio.ensure_future(sched.fill_receiving.wait())
+        await asyncio.wait([receiving, *waits], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        receiving.cancel()
+        await ops.start(info={"config": args.config})
         total = sum(s.size for s in sources)
         display = _make_display(args, sched, sources, total)
-        waits = [asyncio.ensure_future(sched.wait_filled(s)) for s in sources]
         progress = asyncio.ensure_future(display.run()) if display else None
         results = await asyncio.gather(*waits, return_exceptions=True)
         if progress:
@@ -174,6 +216,7 @@ async def fetch(args) -> int:
                         "mismatches": sum(s.cache.mismatches for s in sources),
                         "repaired_bytes": sum(s.cache.repaired_bytes for s in sources),
                         "hedges": getattr(sched.stats, "hedges", 0),
+                        "preconnect": early.stats() if early is not None else None,
                         "mode": args.mode,
                         "window": repr(sched.window),
                     },

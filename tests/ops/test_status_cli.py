@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -39,6 +40,39 @@ def _status(sock) -> dict | None:
 def _value(st: dict, name: str, **labels) -> float:
     return sum(s["value"] for s in st["samples"]
                if s["name"] == name and all(s["labels"].get(k) == v for k, v in labels.items()))
+
+
+def test_status_of_a_fetch_whose_registry_is_unreachable(tmp_path):
+    """fetch starts its control socket once the first response arrives (it loads ~50 ms of
+    modules, which must not delay the first requests) — or after a second without one: a
+    fetch retrying against a registry that is down must still answer `tcmu-obd status`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections to it are refused
+    sock = tmp_path / "run" / "fetch.sock"
+    gconf = tmp_path / "overlaybd.json"
+    gconf.write_text(json.dumps({"cacheConfig": {"cacheType": "file", "cacheDir": str(tmp_path / "cache"),
+                                                 "cacheSizeGB": 1},
+                                 "credentialConfig": {"mode": "file", "path": str(tmp_path / "cred.json")}}))
+    conf = tmp_path / "config.v1.json"
+    conf.write_text(json.dumps({"repoBlobUrl": f"http://127.0.0.1:{port}/v2/ops/down/blobs/",
+                                "lowers": [{"digest": "sha256:" + "ab" * 32, "size": 1 << 20}]}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tcmu_obd.cli", "fetch", "--global-config", str(gconf), "--progress", "none",
+         "--control-socket", str(sock), str(conf)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        st = wait_until(lambda: _status(sock), 30, "the control socket of a fetch with no registry")
+        assert st["command"] == "fetch" and st["pid"] == proc.pid
+        assert proc.poll() is None  # still trying
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert not sock.exists()
 
 
 @pytest.mark.registry

@@ -15,7 +15,8 @@ from tcmu_obd.remote.credentials import (
     normalize_docker_key,
     parse_auths,
 )
-from tcmu_obd.remote.registry import _parse_retry_after, _presigned_expiry, _rebase
+from tcmu_obd.remote.endpoints import rebase as _rebase
+from tcmu_obd.remote.registry import _parse_retry_after, _presigned_expiry
 
 DG = "sha256:" + "ab" * 32
 URL = f"https://reg.example.com:5000/v2/team/sub/app/blobs/{DG}"

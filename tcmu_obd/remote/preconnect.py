@@ -1,0 +1,141 @@
+"""Open the registry's TCP connections while the rest of the program is still loading.
+
+Before `tcmu-obd fetch` can send its first range GET it spends ~0.3 s loading the HTTP client
+and its own modules; then every one of its fresh connections pays one round trip for the TCP
+handshake (200 ms to a far registry) before its request can leave. The handshake needs none of
+that code: the kernel completes a non-blocking connect() on its own. `Preconnector` starts the
+connections the first burst will use before the heavy imports (in a thread, since name
+resolution blocks) and hands them to aiohttp through its connector's `socket_factory`, so the
+first requests go out on connections that are already open (as browsers' preconnect does).
+
+Only the first hop is opened early, and only when no proxy stands in the way (aiohttp then
+connects to the proxy, not to the registry). A socket whose connect failed is discarded and a
+fresh one given instead; sockets nobody took are closed by `close()`. Nothing here speaks HTTP
+or TLS: aiohttp does both on the socket it is given.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class _EarlySocket(socket.socket):
+    """A socket whose connect() was started early: connecting again to the same peer succeeds
+    at once when the handshake is done (Linux says EISCONN) and is waited for while it is still
+    in progress (EALREADY, which asyncio treats as "not yet")."""
+
+    def connect(self, address) -> None:  # noqa: D102 - behaviour in the class docstring
+        try:
+            super().connect(address)
+        except OSError as e:
+            if e.errno != errno.EISCONN:
+                raise
+
+
+def proxied(url: str, environ: Mapping[str, str]) -> bool:
+    """True when an HTTP(S)_PROXY setting in `environ` applies to `url` (aiohttp's trust_env
+    rules: the scheme's proxy variable, unless NO_PROXY names the host)."""
+    proxies = {k.lower(): v for k, v in environ.items() if k.lower().endswith("_proxy") and v}
+    scheme = urllib.parse.urlsplit(url).scheme
+    if not proxies.get(f"{scheme}_proxy"):
+        return False
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return not urllib.request.proxy_bypass_environment(host, {k[: -len("_proxy")]: v for k, v in proxies.items()})
+
+
+class Preconnector:
+    """`count` TCP connections to the host of `url`, started now, taken by `socket_factory`."""
+
+    def __init__(self, url: str, count: int):
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in _DEFAULT_PORTS or not u.hostname:
+            raise ValueError(f"cannot preconnect to {url!r}: not an http(s) URL")
+        self.host = u.hostname
+        self.port = u.port or _DEFAULT_PORTS[u.scheme]
+        self.count = count
+        self.opened = 0  # connects started
+        self.taken = 0  # handed to the HTTP client
+        self.discarded = 0  # found failed when taken
+        self.error: str | None = None  # why fewer than `count` were started
+        self._ready: list[tuple[int, tuple, _EarlySocket]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Preconnector":
+        self._thread = threading.Thread(target=self._open_all, name="preconnect", daemon=True)
+        self._thread.start()
+        return self
+
+    def _open_all(self) -> None:
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            self.error = f"resolving {self.host}: {e}"
+            return
+        family, type_, proto, _, address = infos[0]
+        for _ in range(self.count):
+            sock = _EarlySocket(family, type_, proto)
+            sock.setblocking(False)
+            err = sock.connect_ex(address)
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                self.error = f"connecting to {address[0]} port {address[1]}: {errno.errorcode.get(err, err)}"
+                return
+            with self._lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._ready.append((family, address[:2], sock))
+                self.opened += 1
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every connect has been started (or the attempt ended early: see `error`)."""
+        if self._thread is None:
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stats(self) -> dict:
+        return {"host": f"{self.host}:{self.port}", "opened": self.opened, "taken": self.taken,
+                "discarded": self.discarded, "error": self.error}
+
+    def socket_factory(self, addr_info) -> socket.socket:
+        """aiohttp's TCPConnector(socket_factory=...): an early socket to the same address when
+        one is left and healthy, else a fresh socket."""
+        family, type_, proto, _, address = addr_info
+        while True:
+            with self._lock:
+                i = next((i for i, (f, a, _) in enumerate(self._ready) if f == family and a == address[:2]), None)
+                if i is None:
+                    break
+                _, _, sock = self._ready.pop(i)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                self.taken += 1
+                return sock
+            self.discarded += 1
+            sock.close()
+        return socket.socket(family, type_, proto)
+
+    def close(self) -> None:
+        """Close the sockets nobody took (idempotent)."""
+        with self._lock:
+            self._closed = True
+            left, self._ready = self._ready, []
+        for _, _, sock in left:
+            sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.opened:
+            log.debug("preconnect %s:%d: %d opened, %d used, %d failed", self.host, self.port,
+                      self.opened, self.taken, self.discarded)
