@@ -115,11 +115,16 @@ def test_interrupted_mid_fill_then_resume(tmp_path, registry, sig):  # noqa: F81
 
 def test_fetch_options_start_wide_and_staggered():
     """fetch has the link to itself: a wide first burst (64 requests on connections opened
-    early) whose request sizes are staggered; a daemon's scheduler keeps the defaults."""
+    early) whose request sizes are staggered, requests of ~1/10 of the BDP, and a window only
+    a queue in front of the bottleneck shrinks; a daemon's scheduler keeps the defaults."""
     from tcmu_obd.cli import build_parser
     from tcmu_obd.scheduler import SchedulerOptions
     from tcmu_obd.tools.fetch import _options
 
     o = _options(build_parser(["fetch", "c.json"]).parse_args(["fetch", "c.json"]))
     assert (o.mode, o.initial_requests, o.stagger_first_burst) == ("adaptive", 64, True)
-    assert SchedulerOptions().stagger_first_burst is False and SchedulerOptions().initial_requests == 8
+    assert (o.queue_signal, o.chunk_bdp_fraction) == ("first_byte", 0.1)
+    d = SchedulerOptions()
+    assert (d.initial_requests, d.stagger_first_burst, d.queue_signal, d.chunk_bdp_fraction) == (8, False, "request", 1.0)
+    w = o.make_window(256 * 1024)
+    assert (w.queue_signal, w.chunk_bdp_fraction) == ("first_byte", 0.1)

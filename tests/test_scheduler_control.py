@@ -275,3 +275,53 @@ def test_bulk_window_leaves_startup_without_idling_the_pipe(stream_cap):
             assert max(n for _, n in sim.windows) <= 96 * MiB
     assert early[False] > early[True]
     assert late[False] >= 0.92 * 50 * MB
+
+
+def _steady_rounds(w, rounds, latency, ttfb, t=0.0, requests=8):
+    """Drive `rounds` STEADY rounds of `requests` chunk-sized requests, each taking
+    `latency(i)` with its first byte after `ttfb(i)` (i: the round)."""
+    for i in range(rounds):
+        for _ in range(requests):
+            w.on_start(t, w.chunk)
+        t += latency(i)
+        for _ in range(requests):
+            w.on_complete(t, w.chunk, latency(i), ttfb=ttfb(i))
+        t += 0.01
+    return t
+
+
+@pytest.mark.parametrize("signal", ["request", "first_byte"])
+def test_bulk_window_is_not_shrunk_by_requests_that_merely_share_the_link(signal):
+    """The spiral seen on the rig: requests got faster as fewer bytes were in flight, the
+    chunk floor fell with them, and the request-latency rule cut the window round after
+    round. With queue_signal="first_byte" (fetch) only a queue in front of the bottleneck,
+    seen in the time to first byte, shrinks it."""
+    w = AdaptiveWindow(4 * MiB, initial_bytes=64 * MiB, queue_signal=signal, latency_probes=False)
+    w.state = WindowState.STEADY
+    t = _steady_rounds(w, 3, lambda i: 1.3, lambda i: 0.21)  # the link full at 64 MiB
+    start = w.window_bytes
+    # then faster requests now and then (the floor falls), slower ones in between, no queue
+    _steady_rounds(w, 30, lambda i: 0.45 if i % 3 == 0 else 1.3, lambda i: 0.21, t)
+    if signal == "request":
+        assert w.window_bytes <= 0.5 * 64 * MiB  # what fetch used to do
+    else:
+        assert w.window_bytes == start == 64 * MiB
+
+
+def test_bulk_window_backs_off_when_first_bytes_queue_and_probes_for_more():
+    w = AdaptiveWindow(4 * MiB, initial_bytes=64 * MiB, queue_signal="first_byte", latency_probes=False)
+    w.state = WindowState.STEADY
+    t = _steady_rounds(w, 2, lambda i: 1.3, lambda i: 0.2, requests=16)
+    before = w.window_bytes
+    t = _steady_rounds(w, 3, lambda i: 1.3, lambda i: 0.6, t, requests=16)  # first bytes wait 0.4 s in a queue
+    t = _steady_rounds(w, 1, lambda i: 1.3, lambda i: 0.2, t, requests=16)  # (a round's verdict lands a round late)
+    assert w.window_bytes <= before / 1.25 ** 3
+    shrunk = w.window_bytes
+    # no queue again, and no rate gain from more in flight: a probe is taken back
+    seen = []
+    for _ in range(24):
+        t = _steady_rounds(w, 1, lambda i: 1.3, lambda i: 0.2, t, requests=16)
+        seen.append(w.window_bytes)
+    assert max(seen) == int(shrunk * 1.25) and seen[-1] == shrunk
+    with pytest.raises(ValueError, match="queue_signal"):
+        AdaptiveWindow(queue_signal="loss")

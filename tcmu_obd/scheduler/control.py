@@ -134,6 +134,7 @@ class AdaptiveWindow(FixedWindow):
         max_chunk: int = 4 << 20,
         chunk_bdp_fraction: float = 1.0,
         latency_probes: bool = True,
+        queue_signal: str = "request",
     ):
         # auto_chunk: the request size (`chunk`, read by the filler before each request)
         # follows the link: a power of two near `chunk_bdp_fraction` × rate × RTT, in
@@ -143,6 +144,13 @@ class AdaptiveWindow(FixedWindow):
         # latency_probes=False (the scheduler's default): never empty the pipe to measure the
         # latency floor; see _steady_without_probe
         self.latency_probes = latency_probes
+        # What STEADY reads as "the surplus only queues" (see _steady_by_first_byte):
+        # "request": a request's whole latency against the chunk floor (the default: it also
+        # keeps few fill flows beside device reads that get a fair share each);
+        # "first_byte": the time to a request's first byte against the RTT floor (`fetch`).
+        if queue_signal not in ("request", "first_byte"):
+            raise ValueError(f"queue_signal must be 'request' or 'first_byte', not {queue_signal!r}")
+        self.queue_signal = queue_signal
         self.min_chunk, self.max_chunk = min_chunk, max(min_chunk, max_chunk)
         self.chunk_bdp_fraction = chunk_bdp_fraction
         self.chunk_changes = 0
@@ -186,6 +194,8 @@ class AdaptiveWindow(FixedWindow):
         self.probes = 0
         self._round_start: float | None = None
         self._round_lat: list[float] = []
+        self._round_ttfb: list[float] = []
+        self._probe_window = 0
         self._srtt: float | None = None
         self._fg_best: float | None = None
         self._fg_cut_round = -1
@@ -262,6 +272,8 @@ class AdaptiveWindow(FixedWindow):
         self._deliv.append((now, nbytes))
         if nbytes >= self.chunk // 2:
             self._round_lat.append(latency)
+            if ttfb is not None and ttfb > 0:
+                self._round_ttfb.append(ttfb)
             self._srtt = latency if self._srtt is None else 0.875 * self._srtt + 0.125 * latency
             if self.state is WindowState.PROBE_LATENCY:
                 if now - latency >= self._probe_start:  # sent into the drained pipe: a clean sample
@@ -271,7 +283,7 @@ class AdaptiveWindow(FixedWindow):
                         self._clamp(self.max_rate * latency * self._gain + self._slack())
                     else:
                         self._clamp(self._saved_window)
-                    self._round_start, self._round_lat = now, []
+                    self._round_start, self._round_lat, self._round_ttfb = now, [], []
                 return
             if self._base is None or latency <= self._base:
                 self._base, self._base_stamp = latency, now
@@ -316,6 +328,39 @@ class AdaptiveWindow(FixedWindow):
         self._base_stamp = now
         self.state = WindowState.STEADY
         self._clamp(max(self.window_bytes, self.max_rate * self._base * self._gain + self._slack()))
+
+    def _steady_by_first_byte(self, rate: float, ttfb: float) -> None:
+        """STEADY for a bulk fill (queue_signal="first_byte"), one round.
+
+        A request's whole latency grows with the bytes it shares the link with, and the floor
+        it is compared with, the fastest request seen, falls whenever fewer bytes happened to
+        be in flight; sized from them, `fetch`'s window shrank round after round on the 200 ms
+        rig (64 → 10 MiB, 48 → 16 MB/s on a 1 GiB layer) until a few large requests could not
+        keep the link full. The time to a request's first byte grows only with the queue in
+        front of the bottleneck, so here it alone shrinks the window (by 1/1.25 while the
+        round's median first byte takes more than `high` × the RTT floor); otherwise the
+        window stays, and every `probe_every` rounds it is tried 25 % larger for
+        `probe_rounds` rounds (up to STARTUP's cap) and kept only if the delivery rate rose
+        ≥ 5 %."""
+        if ttfb > self.high * self._rtt:
+            self._probe_left = 0
+            self._clamp(self.window_bytes / 1.25)
+            return
+        if self._probe_left > 0:
+            self._probe_left -= 1
+            if self._probe_left == 0 and rate < self._probe_from_rate * 1.05:
+                self._clamp(min(self.window_bytes, self._probe_window))
+            return
+        self._cycle += 1
+        # never probe past 3 × (BDP + a request), STARTUP's own cap: a noisy round that looks
+        # 5 % faster would otherwise ratchet the window (and the buffers) up to max_bytes
+        cap = 3 * (self.max_rate * self._rtt + self.chunk)
+        if self._cycle % self.probe_every == 0 and self.window_bytes < min(self.max_bytes, cap):
+            recent = [r for _, r in list(self._rates)[-4:-1]] or [rate]
+            self._probe_from_rate = sum(recent) / len(recent)
+            self._probe_window = self.window_bytes
+            self._probe_left = self.probe_rounds
+            self._clamp(self.window_bytes * 1.25)
 
     def _enter_probe(self, now: float, saved: int | None) -> None:
         self.state = WindowState.PROBE_LATENCY
@@ -366,6 +411,8 @@ class AdaptiveWindow(FixedWindow):
         rate = self._delivery_rate(now)
         lats = sorted(self._round_lat)
         lat = lats[len(lats) // 2]
+        ttfbs = sorted(self._round_ttfb)
+        self._round_ttfb = []
         if self._scales and self._base is not None and lat <= self.high * self._base:
             # admission was scaled down (fg_yield) and requests did not queue (STEADY's own
             # criterion): the path had room, the lower rate is the scaled window's; credit
@@ -430,6 +477,9 @@ class AdaptiveWindow(FixedWindow):
                     return
                 self._enter_probe(now, saved=None)
                 return
+        if self.queue_signal == "first_byte" and ttfbs and self._rtt:
+            self._steady_by_first_byte(rate, ttfbs[len(ttfbs) // 2])
+            return
         if lat > base * self.high:
             self._gain = max(self.min_gain, self._gain / 1.25)
             self._probe_left = 0

@@ -124,7 +124,7 @@ def _options(args):
     from ..scheduler import SchedulerOptions
 
     o = SchedulerOptions(mode=args.mode, max_mbps=args.max_mbps, initial_requests=args.initial_requests,
-                         stagger_first_burst=True)
+                         stagger_first_burst=True, queue_signal="first_byte", chunk_bdp_fraction=0.1)
     if args.chunk_size:
         o.fill_chunk = args.chunk_size
     if args.max_inflight:
