@@ -128,3 +128,11 @@ def test_fetch_options_start_wide_and_staggered():
     assert (d.initial_requests, d.stagger_first_burst, d.queue_signal, d.chunk_bdp_fraction) == (8, False, "request", 1.0)
     w = o.make_window(256 * 1024)
     assert (w.queue_signal, w.chunk_bdp_fraction) == ("first_byte", 0.1)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "soon"])
+def test_fetch_refuses_a_bad_read_timeout_before_doing_anything(tmp_path, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fetch", "--read-timeout", bad, str(tmp_path / "missing.json")])
+    assert e.value.code == 2
+    assert "--read-timeout" in capsys.readouterr().err

@@ -942,7 +942,7 @@ class Scheduler:
 
         Those requests start together on fresh connections that share the link evenly: equal
         sizes all end within one round trip, and the link idles while every connection asks for
-        its next range (on the 200 ms rig: a dip to ~35 MB/s a second into the fill). Unequal
+        its next range (on the 200 ms rig: a dip to 35-45 MB/s ~2 s into every fetch). Unequal
         sizes end one after another, so the other connections carry on meanwhile."""
         n = self.options.initial_requests
         k = self._fill_launches

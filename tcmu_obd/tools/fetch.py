@@ -48,6 +48,16 @@ def _size(text: str) -> int:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return v
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "fetch",
@@ -74,7 +84,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-mbps", type=float, default=0.0, help="throttle in MiB/s (default 0: unthrottled)")
     p.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between plain progress lines")
-    p.add_argument("--read-timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--read-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="give up on a response that sends nothing for this long and ask again for the rest "
                         "(default 30)")
     p.add_argument("--stats-json", metavar="FILE", help="write final stats (scheduler + registry client) as JSON")
@@ -147,12 +157,7 @@ async def fetch(args, gc, cfg, remote, opts, early=None) -> int:
         print("fetch: nothing to do: every lower is local", flush=True)
         print("fetch: done blobs=0 fetched_bytes=0 requests=0 seconds=0.0 mbps=0.0", flush=True)
         return 0
-    timeouts = None
-    if args.read_timeout is not None:
-        if args.read_timeout <= 0:
-            print(f"fetch: --read-timeout must be positive, not {args.read_timeout}", file=sys.stderr, flush=True)
-            return 2
-        timeouts = Timeouts(sock_read=args.read_timeout)
+    timeouts = Timeouts(sock_read=args.read_timeout) if args.read_timeout is not None else None
     ops = ServiceOps("fetch", gc, args.control_socket)
     client = RegistryClient(gc, max_connections=max(64, opts.max_concurrency + 8), timeouts=timeouts,
                             socket_factory=early.socket_factory if early is not None else None)
