@@ -56,7 +56,7 @@ from ..config import GlobalConfig
 from ..errors import AuthError, RemoteError, RemoteTimeout
 from .auth import Authenticator
 from .credentials import CredentialProvider
-from .endpoints import endpoints, host_of
+from .endpoints import Endpoint, endpoints, host_of
 from .redact import describe, redact_url
 
 log = logging.getLogger(__name__)
@@ -348,10 +348,10 @@ class RegistryClient:
         return RemoteBlob(self, blob_url, size, name)
 
     # ----------------------------------------------------------------------------- endpoints
-    def _endpoints(self, blob_url: str) -> list[tuple[str, str | None, str | None]]:
-        """[(url, via, penalty key)]: endpoints.endpoints without those in their penalty time."""
+    def _endpoints(self, blob_url: str) -> list[Endpoint]:
+        """endpoints.endpoints without the mirrors and agent in their penalty time."""
         now = time.monotonic()
-        return [tuple(e) for e in endpoints(self.config, blob_url, lambda key: self._mirror_bad_until.get(key, 0) > now)]
+        return endpoints(self.config, blob_url, lambda key: self._mirror_bad_until.get(key, 0) > now)
 
     async def _read(self, blob_url: str, offset: int, buf: memoryview, want_size: bool = False,
                     progress=None) -> int:
