@@ -124,6 +124,9 @@ def test_fetch_options_start_wide_and_staggered():
     o = _options(build_parser(["fetch", "c.json"]).parse_args(["fetch", "c.json"]))
     assert (o.mode, o.initial_requests, o.stagger_first_burst) == ("adaptive", 64, True)
     assert (o.queue_signal, o.chunk_bdp_fraction) == ("first_byte", 0.1)
+    assert o.first_burst == 64  # connections opened early
+    assert SchedulerOptions(mode="fixed", fixed_concurrency=16).first_burst == 16
+    assert SchedulerOptions(mode="upstream").first_burst == 1
     d = SchedulerOptions()
     assert (d.initial_requests, d.stagger_first_burst, d.queue_signal, d.chunk_bdp_fraction) == (8, False, "request", 1.0)
     w = o.make_window(256 * 1024)

@@ -346,21 +346,31 @@ class AdaptiveWindow(FixedWindow):
             self._probe_left = 0
             self._clamp(self.window_bytes / 1.25)
             return
-        if self._probe_left > 0:
-            self._probe_left -= 1
-            if self._probe_left == 0 and rate < self._probe_from_rate * 1.05:
-                self._clamp(min(self.window_bytes, self._probe_window))
-            return
-        self._cycle += 1
         # never probe past 3 × (BDP + a request), STARTUP's own cap: a noisy round that looks
         # 5 % faster would otherwise ratchet the window (and the buffers) up to max_bytes
         cap = 3 * (self.max_rate * self._rtt + self.chunk)
-        if self._cycle % self.probe_every == 0 and self.window_bytes < min(self.max_bytes, cap):
-            recent = [r for _, r in list(self._rates)[-4:-1]] or [rate]
-            self._probe_from_rate = sum(recent) / len(recent)
+        step = self._hill_climb(rate, room=self.window_bytes < min(self.max_bytes, cap))
+        if step > 0:
             self._probe_window = self.window_bytes
-            self._probe_left = self.probe_rounds
             self._clamp(self.window_bytes * 1.25)
+        elif step < 0:
+            self._clamp(min(self.window_bytes, self._probe_window))
+
+    def _hill_climb(self, rate: float, room: bool) -> int:
+        """One round of the throughput hill-climb shared by both STEADY rules: 1 when a probe
+        starts now (every `probe_every` rounds, if there is `room`; it lasts `probe_rounds`
+        rounds), -1 when one ends without the delivery rate having risen ≥ 5 % (take it back),
+        else 0."""
+        if self._probe_left > 0:
+            self._probe_left -= 1
+            return -1 if self._probe_left == 0 and rate < self._probe_from_rate * 1.05 else 0
+        self._cycle += 1
+        if self._cycle % self.probe_every or not room:
+            return 0
+        recent = [r for _, r in list(self._rates)[-4:-1]] or [rate]
+        self._probe_from_rate = sum(recent) / len(recent)
+        self._probe_left = self.probe_rounds
+        return 1
 
     def _enter_probe(self, now: float, saved: int | None) -> None:
         self.state = WindowState.PROBE_LATENCY
@@ -485,17 +495,11 @@ class AdaptiveWindow(FixedWindow):
             self._probe_left = 0
             self._clamp(min(self.window_bytes, bdp * self._gain))
             return
-        if self._probe_left > 0:
-            self._probe_left -= 1
-            if self._probe_left == 0 and rate < self._probe_from_rate * 1.05:
-                self._gain = max(self.min_gain, self._gain / 1.25)  # no gain from more in flight
-        else:
-            self._cycle += 1
-            if self._cycle % self.probe_every == 0 and self._gain < self.max_gain and self.window_bytes < self.max_bytes:
-                recent = [r for _, r in list(self._rates)[-4:-1]] or [rate]
-                self._probe_from_rate = sum(recent) / len(recent)
-                self._gain = min(self.max_gain, self._gain * 1.25)
-                self._probe_left = self.probe_rounds
+        step = self._hill_climb(rate, room=self._gain < self.max_gain and self.window_bytes < self.max_bytes)
+        if step > 0:
+            self._gain = min(self.max_gain, self._gain * 1.25)
+        elif step < 0:
+            self._gain = max(self.min_gain, self._gain / 1.25)  # no gain from more in flight
         self._clamp(bdp * self._gain + self._slack())
 
     def __repr__(self) -> str:

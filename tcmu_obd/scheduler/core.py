@@ -165,6 +165,12 @@ class SchedulerOptions:
         )
 
     @property
+    def first_burst(self) -> int:
+        """Fill requests sent together when a fill starts (each needs a connection)."""
+        n = {"upstream": 1, "fixed": self.fixed_concurrency}.get(self.mode, self.initial_requests)
+        return max(1, min(n, self.max_concurrency))
+
+    @property
     def fixed_chunk(self) -> int:
         return self.fill_chunk if self.fill_chunk is not None else 4 * MiB
 

@@ -122,9 +122,8 @@ def _preconnect(gc, cfg, remote, opts):
     first = endpoints(gc, cfg.blob_url(remote[0].digest))[0].connect_url
     if proxied(first, os.environ):
         return None
-    count = {"upstream": 1, "fixed": opts.fixed_concurrency}.get(opts.mode, opts.initial_requests)
     try:
-        return Preconnector(first, max(1, min(count, opts.max_concurrency))).start()
+        return Preconnector(first, opts.first_burst).start()
     except ValueError as e:
         log.debug("no preconnect: %s", e)
         return None

@@ -34,28 +34,38 @@ def _info(addr):
     return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", addr)
 
 
+def _started(port: int, count: int, path: str = "") -> Preconnector:
+    pre = Preconnector(f"http://127.0.0.1:{port}{path}", count).start()
+    assert pre.wait(10)
+    return pre
+
+
+def _assert_unconnected(sock: socket.socket) -> None:
+    """A fresh socket from the factory, not an early (or failed) one; closed here."""
+    with pytest.raises(OSError) as e:
+        sock.getpeername()
+    assert e.value.errno == errno.ENOTCONN
+    sock.close()
+
+
 def test_connections_are_open_before_anyone_asks_for_them(listener):
     addr = listener.getsockname()
-    pre = Preconnector(f"http://{addr[0]}:{addr[1]}/v2/x/blobs/d", 3).start()
-    assert pre.wait(10) and pre.opened == 3 and pre.error is None
+    pre = _started(addr[1], 3, "/v2/x/blobs/d")
+    assert pre.opened == 3 and pre.error is None
     accepted = [listener.accept()[0] for _ in range(3)]  # the handshakes happened with no client
     taken = [pre.socket_factory(_info(addr)) for _ in range(3)]
     assert all(s.getpeername() == addr for s in taken)
     assert {s.getsockname() for s in taken} == {a.getpeername() for a in accepted}
-    fresh = pre.socket_factory(_info(addr))  # none left: a new, unconnected socket
-    with pytest.raises(OSError) as e:
-        fresh.getpeername()
-    assert e.value.errno == errno.ENOTCONN
+    _assert_unconnected(pre.socket_factory(_info(addr)))  # none left: a new socket
     assert (pre.taken, pre.discarded) == (3, 0)
-    for s in (*taken, fresh, *accepted):
+    for s in (*taken, *accepted):
         s.close()
     pre.close()
 
 
 def test_connect_on_an_early_socket_is_a_no_op_when_done(listener):
     addr = listener.getsockname()
-    pre = Preconnector(f"http://127.0.0.1:{addr[1]}", 1).start()
-    assert pre.wait(10)
+    pre = _started(addr[1], 1)
     conn, _ = listener.accept()
     sock = pre.socket_factory(_info(addr))
     sock.setblocking(True)
@@ -72,33 +82,25 @@ def test_refused_connects_are_never_handed_out():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nobody listens there now
-    pre = Preconnector(f"http://127.0.0.1:{port}", 4).start()
-    assert pre.wait(10)
+    pre = _started(port, 4)
     # loopback may refuse at once (nothing opened, error says why) or after the fact
     assert pre.opened == 4 or ("ECONNREFUSED" in (pre.error or "") and pre.opened == 0)
-    got = pre.socket_factory(_info(("127.0.0.1", port)))
-    with pytest.raises(OSError):
-        got.getpeername()  # a fresh socket, not a failed one
+    _assert_unconnected(pre.socket_factory(_info(("127.0.0.1", port))))  # not a failed one
     assert pre.taken == 0 and pre.discarded == pre.opened
-    got.close()
     pre.close()
 
 
 def test_other_addresses_get_fresh_sockets_and_close_shuts_the_rest(listener):
     addr = listener.getsockname()
-    pre = Preconnector(f"http://127.0.0.1:{addr[1]}", 2).start()
-    assert pre.wait(10)
+    pre = _started(addr[1], 2)
     accepted = [listener.accept()[0] for _ in range(2)]
-    other = pre.socket_factory(_info(("127.0.0.1", addr[1] + 1)))
-    with pytest.raises(OSError):
-        other.getpeername()
+    _assert_unconnected(pre.socket_factory(_info(("127.0.0.1", addr[1] + 1))))
     pre.close()  # nobody took them: both are closed, the server sees the end of each stream
     for a in accepted:
         a.settimeout(10)
         assert a.recv(1) == b""
         a.close()
-    assert pre.socket_factory(_info(addr)).family == socket.AF_INET  # after close: fresh ones
-    other.close()
+    _assert_unconnected(pre.socket_factory(_info(addr)))  # after close: fresh ones
 
 
 def test_not_an_http_url_is_refused():
