@@ -29,11 +29,11 @@ import time
 from typing import Callable
 
 from ..errors import ObdError
+from .control_socket import DEFAULT_DIR
 from .metrics import Meters, ObdCollector, snapshot
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIR = "/run/tcmu-obd/control"  # its own directory: /run/tcmu-obd also holds NBD sockets
 SAMPLE_INTERVAL = 1.0
 
 
@@ -248,13 +248,6 @@ class Observability:
             raise ObdError(message)
         log.warning("%s; running without it (`tcmu-obd status` cannot reach this process)", message)
         self.socket_path = ""
-
-
-def add_arguments(parser) -> None:
-    """The command-line side (run, serve, fetch)."""
-    parser.add_argument("--control-socket", metavar="PATH|none", default=None,
-                        help=f"control socket for `tcmu-obd status` (default {DEFAULT_DIR}/<command>-<pid>.sock; "
-                             "none: no socket)")
 
 
 class ServiceOps:

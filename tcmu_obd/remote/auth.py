@@ -113,12 +113,13 @@ class Authenticator:
     """Per-client auth state. `session()` returns the client's aiohttp session (lazy)."""
 
     def __init__(self, session: Callable[[], aiohttp.ClientSession], credentials: CredentialProvider,
-                 stats, *, timeout: aiohttp.ClientTimeout, ssl_for: Callable[[str], object] | None = None):
+                 stats, *, timeout: aiohttp.ClientTimeout, request_options: Callable[[str, dict], dict] | None = None):
         self._session = session
         self.credentials = credentials
         self.stats = stats
         self.timeout = timeout
-        self._ssl_for = ssl_for or (lambda url: None)
+        # headers=, ssl=, proxy= for a request to a URL
+        self._request_options = request_options or (lambda url, headers: {"headers": headers})
         self._hosts: dict[str, _HostAuth] = {}
         self._tokens: dict[tuple[str, str, str], Token] = {}
         self._basic: dict[str, str] = {}  # host/repo → header
@@ -236,8 +237,8 @@ class Authenticator:
             headers["Authorization"] = cred.basic_header()
         self.stats.token_requests += 1
         try:
-            async with self._session().get(token_url, headers=headers, timeout=self.timeout,
-                                           allow_redirects=True, ssl=self._ssl_for(token_url)) as resp:
+            async with self._session().get(token_url, timeout=self.timeout, allow_redirects=True,
+                                           **self._request_options(token_url, headers)) as resp:
                 body = await resp.read()
                 status = resp.status
         except asyncio.TimeoutError as e:

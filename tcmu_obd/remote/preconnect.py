@@ -21,8 +21,6 @@ import logging
 import socket
 import threading
 import urllib.parse
-import urllib.request
-from typing import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +38,6 @@ class _EarlySocket(socket.socket):
         except OSError as e:
             if e.errno != errno.EISCONN:
                 raise
-
-
-def proxied(url: str, environ: Mapping[str, str]) -> bool:
-    """True when an HTTP(S)_PROXY setting in `environ` applies to `url` (aiohttp's trust_env
-    rules: the scheme's proxy variable, unless NO_PROXY names the host)."""
-    proxies = {k.lower(): v for k, v in environ.items() if k.lower().endswith("_proxy") and v}
-    scheme = urllib.parse.urlsplit(url).scheme
-    if not proxies.get(f"{scheme}_proxy"):
-        return False
-    host = urllib.parse.urlsplit(url).hostname or ""
-    return not urllib.request.proxy_bypass_environment(host, {k[: -len("_proxy")]: v for k, v in proxies.items()})
 
 
 class Preconnector:

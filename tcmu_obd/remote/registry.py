@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import os
 import random
 import re
 import ssl
@@ -57,6 +58,7 @@ from ..errors import AuthError, RemoteError, RemoteTimeout
 from .auth import Authenticator
 from .credentials import CredentialProvider
 from .endpoints import Endpoint, endpoints, host_of
+from .proxy import proxy_for
 from .redact import describe, redact_url
 
 log = logging.getLogger(__name__)
@@ -243,7 +245,8 @@ class RegistryClient:
         self.auth = Authenticator(self._get_session, self.credentials, self.stats,
                                   timeout=aiohttp.ClientTimeout(total=self.timeouts.auth,
                                                                 sock_connect=self.timeouts.connect),
-                                  ssl_for=self._ssl_for)
+                                  request_options=self._request_options)
+        self._proxies: dict[tuple[str, str], dict] = {}
         self._locations: dict[str, _Location] = {}
         self._mirror_bad_until: dict[str, float] = {}
         self._sizes: dict[str, int] = {}
@@ -269,6 +272,32 @@ class RegistryClient:
                 return False
         return self._ssl_context()
 
+    def _proxy_options(self, url: str) -> dict:
+        """proxy= and the proxy's credentials for a request to `url` (HTTP(S)_PROXY / NO_PROXY,
+        decided once per scheme and host; remote/proxy.py)."""
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc.rpartition("@")[2])
+        opts = self._proxies.get(key)
+        if opts is None:
+            p = proxy_for(url, os.environ)
+            opts = {}
+            if p is not None:
+                opts["proxy"] = p.url
+                if p.username is not None:
+                    opts["proxy_headers"] = {"Proxy-Authorization": aiohttp.encode_basic_auth(p.username, p.password or "")}
+            self._proxies[key] = opts
+        return opts
+
+    def _request_options(self, url: str, headers: dict[str, str]) -> dict:
+        """aiohttp request options for `url`: headers, TLS (_ssl_for) and the proxy."""
+        opts = {"ssl": self._ssl_for(url), **self._proxy_options(url)}
+        if "proxy_headers" in opts and url.startswith("http:"):
+            # aiohttp sends proxy_headers on a CONNECT (https) only; a plain http request is
+            # forwarded by the proxy and carries the proxy's credentials itself
+            headers = {**headers, **opts["proxy_headers"]}
+        opts["headers"] = headers
+        return opts
+
     def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise RemoteError("RegistryClient is closed")
@@ -278,7 +307,9 @@ class RegistryClient:
             connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections,
                                              ttl_dns_cache=300, keepalive_timeout=60,
                                              socket_factory=self.socket_factory)
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=True, auto_decompress=False,
+            # No trust_env: the proxy comes with each request (_request_options), and
+            # credentials only from the credential sources, never from ~/.netrc.
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                                   headers={"User-Agent": self.user_agent},
                                                   timeout=self._ctimeout)
         return self._session
@@ -401,8 +432,8 @@ class RegistryClient:
             try:
                 self.stats.requests += 1
                 sent_to = via + target if via else target
-                async with session.get(sent_to, headers=headers, allow_redirects=False,
-                                       ssl=self._ssl_for(sent_to)) as resp:
+                async with session.get(sent_to, allow_redirects=False,
+                                       **self._request_options(sent_to, headers)) as resp:
                     status = resp.status
                     if status == 206:
                         total = self._check_content_range(resp, url, start, last)
@@ -471,8 +502,20 @@ class RegistryClient:
                             raise AuthError(f"Authentication failed: {url} answered {status} after authenticating",
                                             status=status, url=url)
                         await _drain_small(resp)
-                        await self.auth.on_challenge(url, challenge, sent_auth)
+                        try:
+                            await self.auth.on_challenge(url, challenge, sent_auth)
+                        except AuthError as e:
+                            proxy = self._proxy_options(sent_to).get("proxy")
+                            if proxy is None:
+                                raise
+                            # some proxies (tinyproxy) refuse with 401, not 407
+                            raise AuthError(f"{e} (the request went through the proxy {proxy}: "
+                                            f"the {status} may be the proxy's)", status=status, url=url) from e
                         continue
+                    if status == 407:
+                        raise AuthError(f"{url}: the proxy {self._proxy_options(sent_to).get('proxy')} refused the "
+                                        "request (407 Proxy Authentication Required): check the credentials in "
+                                        "HTTP(S)_PROXY", status=407, url=url)
                     if status == 404:
                         raise RemoteError(f"{url}: blob not found (404)", status=404, url=url)
                     if status == 416:

@@ -1,37 +1,39 @@
 """The scheduler: sole caller of remote/ — priorities, in-flight dedup, adaptive concurrency, the filler.
 
 See core.py (theory of operation) and control.py (the window controller), docs/scheduler.md.
+
+The names below are loaded on first use, so that `fetch` can read SchedulerOptions (options.py)
+before the scheduler and the modules it needs are imported (see tools/fetch.py).
 """
 
-from .control import AdaptiveWindow, FixedWindow, TokenBucket, WindowState
-from .core import (
-    Fetcher,
-    FillState,
-    Priority,
-    RemoteBlob,
-    Scheduler,
-    SchedulerOptions,
-    SchedulerStats,
-    Transfer,
-)
-from .prefetch import READ_PRIORITY, ReplayStats, TraceRecorder, replay_trace, trace_mode
+from __future__ import annotations
 
-__all__ = [
-    "READ_PRIORITY",
-    "ReplayStats",
-    "TraceRecorder",
-    "replay_trace",
-    "trace_mode",
-    "AdaptiveWindow",
-    "Fetcher",
-    "FillState",
-    "FixedWindow",
-    "Priority",
-    "RemoteBlob",
-    "Scheduler",
-    "SchedulerOptions",
-    "SchedulerStats",
-    "TokenBucket",
-    "Transfer",
-    "WindowState",
-]
+import importlib
+
+_WHERE = {
+    "AdaptiveWindow": "control",
+    "FixedWindow": "control",
+    "TokenBucket": "control",
+    "WindowState": "control",
+    "Fetcher": "core",
+    "FillState": "core",
+    "Priority": "core",
+    "RemoteBlob": "core",
+    "Scheduler": "core",
+    "SchedulerStats": "core",
+    "Transfer": "core",
+    "SchedulerOptions": "options",
+    "READ_PRIORITY": "prefetch",
+    "ReplayStats": "prefetch",
+    "TraceRecorder": "prefetch",
+    "replay_trace": "prefetch",
+    "trace_mode": "prefetch",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

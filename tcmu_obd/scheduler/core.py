@@ -55,6 +55,7 @@ import heapq
 import inspect
 import itertools
 import logging
+import mmap
 import os
 import random
 import time
@@ -66,7 +67,8 @@ from ..cache import BlobCache, CacheStore
 from ..cache.blob import CacheWriteError
 from ..errors import AuthError, ConfigError, DigestMismatch, ImageIOError, ObdError, RemoteError
 from ..ops.audit import SLOW_READ_SECONDS, audit
-from .control import AdaptiveWindow, FixedWindow, TokenBucket
+from .control import TokenBucket
+from .options import SchedulerOptions
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -77,6 +79,21 @@ WRITE_PIECE = 512 * 1024
 # ... or after this long since its last piece, so a process killed mid-fill loses about this
 # much of each transfer (plus the cache's commit interval), not up to a whole piece
 PIECE_SECONDS = 0.1
+
+
+def _transfer_buffer(n: int, *, lazy: bool) -> memoryview:
+    """A writable buffer of n bytes for one transfer.
+
+    bytearray(n) zero-fills at once. For the first burst of a fill (64 x ~1 MiB of pages the
+    process never touched) that was ~45 ms of page faults before the first request could leave,
+    so those (lazy=True) are private anonymous mappings: one syscall each, and the kernel
+    supplies every page when the response writes it. Later transfers use bytearray: malloc
+    hands back memory already faulted in, where a mapping per transfer pays a page fault per
+    4 KiB in the event loop and an unmap per transfer (a 256 MiB fetch on the 200 ms rig ran
+    ~0.3 s longer with mappings throughout)."""
+    if lazy and n >= 256 * 1024:
+        return memoryview(mmap.mmap(-1, n))
+    return memoryview(bytearray(n))
 
 
 class Priority(enum.IntEnum):
@@ -91,88 +108,6 @@ class Fetcher(Protocol):
     async def read_range_into(self, url: str, offset: int, buf: memoryview) -> None: ...
 
     async def blob_size(self, url: str) -> int: ...
-
-
-@dataclass
-class SchedulerOptions:
-    """Knobs (docs/scheduler.md). mode: "adaptive" (default), "fixed" (fixed_concurrency
-    requests of fill_chunk), "upstream" (one download.blockSize request at a time, like
-    upstream's bk_download)."""
-
-    mode: str = "adaptive"
-    # bytes per fill request. None: adaptive mode sizes it from the link (AdaptiveWindow
-    # auto_chunk: start at `initial_chunk`, then ~BDP within [min_chunk, max_chunk]);
-    # fixed mode uses 4 MiB.
-    fill_chunk: int | None = None
-    initial_chunk: int = 1 * MiB
-    # Requests in flight when a fill starts. Each request rides its own connection in TCP slow
-    # start, so more of them reach the link's rate sooner; a daemon keeps this small so device
-    # reads are not queued behind the first burst, `fetch` (nothing to protect) starts wide.
-    initial_requests: int = 8
-    # Spread the first burst's request sizes (see Scheduler._staggered). `fetch` turns it on:
-    # the link is all its own. Off in a daemon, where it made the fill faster at the price of
-    # cold device reads (p90 1.32-1.52x the idle link's instead of 1.09-1.36x on the 200 ms rig).
-    stagger_first_burst: bool = False
-    # What the adaptive window's STEADY state reads as queueing (AdaptiveWindow queue_signal):
-    # "request" (default: whole-request latency, which also keeps few fill flows beside device
-    # reads) or "first_byte" (`fetch`: only the queue in front of the bottleneck shrinks it).
-    queue_signal: str = "request"
-    # adaptive request size (no fill_chunk): a power of two near this fraction of the link's
-    # bandwidth-delay product (AdaptiveWindow chunk_bdp_fraction). `fetch` uses 0.1: on the
-    # 200 ms / 50 MB/s rig 1 MiB requests (~40-64 in flight) filled a 1 GiB layer at 43-45
-    # MB/s where 4 MiB ones (16 in flight) managed 39-43 (each connection idles a round trip
-    # between its responses, so more, smaller requests keep the link fuller).
-    chunk_bdp_fraction: float = 1.0
-    min_chunk: int = 256 * 1024
-    max_chunk: int = 4 * MiB
-    max_concurrency: int = 64
-    max_inflight_bytes: int = 256 * MiB
-    fixed_concurrency: int = 16
-    fg_yield: float = 0.75
-    fg_attempts: int = 3
-    # A fill gives up on transient failures (connection refused, 5xx, timeouts) only after
-    # tryCnt consecutive failed rounds *and* this many seconds of failing: a registry that is
-    # away for a minute or two (restart, failover) must not end the fill for good.
-    fill_outage_grace: float = 300.0
-    # fill endgame: request a straggler's back half again only if that saves this many seconds
-    hedge_min_gain: float = 0.5
-    max_mbps: float | None = None  # None: from download.maxMBps
-    # latency_probes: the adaptive window drains the pipe to measure its latency floor (BBR's
-    # Drain and ProbeRTT; AdaptiveWindow(latency_probes=True)). Off by default: the floor is estimated
-    # instead, and each probe idled the link for a round trip or more (on the 200 ms rig: the
-    # filler beside device reads went from 30.5 to 37.5 MB/s with their p90 within 1.1-1.4x of
-    # an idle link's either way; docs/scheduler.md)
-    latency_probes: bool = False
-
-    def make_window(self, block_size: int):
-        if self.mode == "upstream":
-            return FixedWindow(1)
-        if self.mode == "fixed":
-            return FixedWindow(self.fixed_concurrency, self.max_inflight_bytes)
-        if self.mode != "adaptive":
-            raise ValueError(f"unknown scheduler mode {self.mode!r}")
-        if self.fill_chunk is None:
-            return AdaptiveWindow(
-                self.initial_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
-                auto_chunk=True, min_chunk=self.min_chunk, max_chunk=self.max_chunk,
-                initial_bytes=self.initial_requests * self.initial_chunk, latency_probes=self.latency_probes,
-                queue_signal=self.queue_signal, chunk_bdp_fraction=self.chunk_bdp_fraction,
-            )
-        return AdaptiveWindow(
-            self.fill_chunk, max_bytes=self.max_inflight_bytes, max_requests=self.max_concurrency,
-            initial_bytes=self.initial_requests * self.fill_chunk, latency_probes=self.latency_probes,
-            queue_signal=self.queue_signal,
-        )
-
-    @property
-    def first_burst(self) -> int:
-        """Fill requests sent together when a fill starts (each needs a connection)."""
-        n = {"upstream": 1, "fixed": self.fixed_concurrency}.get(self.mode, self.initial_requests)
-        return max(1, min(n, self.max_concurrency))
-
-    @property
-    def fixed_chunk(self) -> int:
-        return self.fill_chunk if self.fill_chunk is not None else 4 * MiB
 
 
 class FillState(enum.Enum):
@@ -751,8 +686,8 @@ class Scheduler:
                 return
             started = self.clock()
             t.sent_at = started
-            buf = bytearray(n)
-            await self._fetch_into(t, memoryview(buf))
+            buf = _transfer_buffer(n, lazy=not self.fill_receiving.is_set())
+            await self._fetch_into(t, buf)
             latency = self.clock() - started
             ttfb = (t.first_byte_at - started) if t.first_byte_at is not None else None
             self.stats.bytes_fetched[t.priority] += n

@@ -14,17 +14,16 @@ seconds=S mbps=M` (bytes fetched by *this* run — benchmarks and the resume tes
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import logging
 import os
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from ..config import load_global_config, load_image_config, local_layer_candidates
-from ..ops.observability import add_arguments
+from ..ops.control_socket import add_arguments
 
+# Imported when the command runs, not here: the parser is built before the first burst's
+# connections are started, and every module loaded ahead of them delays them (see handler).
 if TYPE_CHECKING:
     from ..scheduler import Scheduler
 
@@ -89,10 +88,13 @@ def register(subparsers) -> None:
                         "(default 30)")
     p.add_argument("--stats-json", metavar="FILE", help="write final stats (scheduler + registry client) as JSON")
     add_arguments(p)  # --control-socket (tcmu-obd status); exporterConfig and logs come from G
-    p.set_defaults(func=handler)
+    # every file is closed and the blobs committed when handler returns (cli._exit_now)
+    p.set_defaults(func=handler, exit_without_teardown=True)
 
 
 def handler(args) -> int:
+    from ..config import load_global_config, load_image_config, local_layer_candidates
+
     gc = load_global_config(args.global_config)
     cfg = load_image_config(args.config, gc)
     remote = [
@@ -104,6 +106,8 @@ def handler(args) -> int:
     # scheduler modules load below (~0.3 s, more than a far registry's round trip).
     opts = _options(args)
     early = _preconnect(gc, cfg, remote, opts)
+    import asyncio
+
     try:
         return asyncio.run(fetch(args, gc, cfg, remote, opts, early))
     finally:
@@ -115,12 +119,13 @@ def _preconnect(gc, cfg, remote, opts):
     """A started Preconnector to the first host the blob reads will go to, or None (nothing
     remote, a proxy in the way, or an unusable URL)."""
     from ..remote.endpoints import endpoints
-    from ..remote.preconnect import Preconnector, proxied
+    from ..remote.preconnect import Preconnector
+    from ..remote.proxy import proxy_for
 
     if not remote or not cfg.repo_blob_url:
         return None
     first = endpoints(gc, cfg.blob_url(remote[0].digest))[0].connect_url
-    if proxied(first, os.environ):
+    if proxy_for(first, os.environ) is not None:
         return None
     try:
         return Preconnector(first, opts.first_burst).start()
@@ -130,7 +135,7 @@ def _preconnect(gc, cfg, remote, opts):
 
 
 def _options(args):
-    from ..scheduler import SchedulerOptions
+    from ..scheduler.options import SchedulerOptions
 
     o = SchedulerOptions(mode=args.mode, max_mbps=args.max_mbps, initial_requests=args.initial_requests,
                          stagger_first_burst=True, queue_signal="first_byte", chunk_bdp_fraction=0.1)
@@ -147,6 +152,9 @@ def _options(args):
 
 
 async def fetch(args, gc, cfg, remote, opts, early=None) -> int:
+    import asyncio
+    import json
+
     from ..cache import CacheStore
     from ..ops.observability import ServiceOps
     from ..remote.registry import RegistryClient, Timeouts
@@ -280,6 +288,8 @@ class _Display:
         )
 
     async def run(self) -> None:
+        import asyncio
+
         while True:
             await asyncio.sleep(self.interval)
             print(self.line(), flush=True)
@@ -306,6 +316,8 @@ class _RichDisplay(_Display):
         self.progress.start()
 
     async def run(self) -> None:
+        import asyncio
+
         while True:
             d = self.sample()
             self.progress.update(

@@ -19,7 +19,8 @@ import sys
 
 from ..errors import ObdError
 from ..ops import sdnotify
-from ..ops.observability import ServiceOps, add_arguments
+from ..ops.control_socket import add_arguments
+from ..ops.observability import ServiceOps
 
 EXIT_OK = 0
 EXIT_ERROR = 1

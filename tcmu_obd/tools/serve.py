@@ -26,7 +26,8 @@ from ..errors import ImageIOError, ObdError, ReadOnlyError
 from ..image.base import Extent
 from ..ops import sdnotify
 from ..ops.audit import audit
-from ..ops.observability import ServiceOps, add_arguments
+from ..ops.control_socket import add_arguments
+from ..ops.observability import ServiceOps
 
 log = logging.getLogger(__name__)
 

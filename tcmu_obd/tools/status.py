@@ -29,7 +29,8 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
-    from ..ops.observability import DEFAULT_DIR, prune_stale
+    from ..ops.control_socket import DEFAULT_DIR
+    from ..ops.observability import prune_stale
     from ..ops.statusview import fetch_status, render, sockets_in
 
     run_dir = os.environ.get("TCMU_OBD_CONTROL_DIR") or DEFAULT_DIR

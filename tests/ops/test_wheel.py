@@ -38,7 +38,7 @@ def test_wheel_builds_extension_installs_and_runs(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-        assert "tcmu-obd = tcmu_obd.cli:main" in zf.read(entry_points).decode()
+        assert "tcmu-obd = tcmu_obd.cli:run" in zf.read(entry_points).decode()
     assert any(n.startswith("tcmu_obd/frontends/tcmu/_libtcmu") and n.endswith(".so") for n in names)
     assert "tcmu_obd/ops/sdnotify.py" in names and "tcmu_obd/tools/config_check.py" in names
 

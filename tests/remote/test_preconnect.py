@@ -13,7 +13,7 @@ import pytest
 
 from tcmu_obd.config import GlobalConfig, Mirror, P2PConfig
 from tcmu_obd.remote.endpoints import endpoints
-from tcmu_obd.remote.preconnect import Preconnector, proxied
+from tcmu_obd.remote.preconnect import Preconnector
 from tests.remote.helpers import client
 from tests.support.registry import push_blob, registry  # noqa: F401  (fixture)
 
@@ -123,21 +123,6 @@ async def test_registry_reads_ride_the_early_connections(registry):  # noqa: F81
     pre.close()
     assert hashlib.sha256(out).hexdigest() == digest.split(":")[1]
     assert (pre.taken, pre.discarded) == (4, 0)
-
-
-@pytest.mark.parametrize("env,url,expect", [
-    ({}, "http://reg:5000/v2/x", False),
-    ({"HTTP_PROXY": "http://proxy:3128"}, "http://reg:5000/v2/x", True),
-    ({"http_proxy": "http://proxy:3128"}, "http://reg:5000/v2/x", True),
-    ({"HTTP_PROXY": "http://proxy:3128"}, "https://reg/v2/x", False),
-    ({"HTTPS_PROXY": "http://proxy:3128"}, "https://reg/v2/x", True),
-    ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "reg"}, "https://reg/v2/x", False),
-    ({"HTTPS_PROXY": "http://proxy:3128", "no_proxy": ".example.com"}, "https://a.example.com/v2", False),
-    ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "other"}, "https://reg/v2/x", True),
-    ({"HTTP_PROXY": ""}, "http://reg/v2/x", False),
-])
-def test_proxied_follows_the_environment(env, url, expect):
-    assert proxied(url, env) is expect
 
 
 def test_endpoint_order_and_the_host_connected_to():
