@@ -410,6 +410,25 @@ async def test_background_leaves_connections_for_foreground(tmp_path, blob_a):
     await s.aclose()
 
 
+@pytest.mark.parametrize("wanted", [2, 8, 63, 64, 100])
+async def test_a_pool_sized_by_pool_for_leaves_the_whole_window_to_the_background(tmp_path, blob_a, wanted):
+    """fetch sizes its connection pool with pool_for: its first burst gets every request it
+    asked for (a pool of 64 + 8 had left it 63 of 64, one early connection unused)."""
+    from tcmu_obd.scheduler.options import pool_for
+
+    url, data, digest = blob_a
+    gc = GlobalConfig(download=replace(DownloadConfig(), delay=0, delay_extra=0, max_mbps=0))
+
+    def window_requests(pool: int, name: str) -> int:
+        f = FakeFetcher({url: data})
+        f.max_connections = pool
+        store = CacheStore(str(tmp_path / name), 0, REFILL, commit_interval=0.01)
+        return Scheduler(f, store, gc, SchedulerOptions(mode="adaptive", max_concurrency=wanted)).window.max_requests
+
+    assert window_requests(pool_for(wanted), "a") == wanted
+    assert window_requests(pool_for(wanted) - 1, "b") == wanted - 1  # and it is the smallest such pool
+
+
 async def test_prometheus_collector_exposes_counters(tmp_path, blob_a):
     from prometheus_client import CollectorRegistry, generate_latest
 

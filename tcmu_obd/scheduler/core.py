@@ -68,7 +68,7 @@ from ..cache.blob import CacheWriteError
 from ..errors import AuthError, ConfigError, DigestMismatch, ImageIOError, ObdError, RemoteError
 from ..ops.audit import SLOW_READ_SECONDS, audit
 from .control import TokenBucket
-from .options import SchedulerOptions
+from .options import SchedulerOptions, foreground_reserve
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -304,7 +304,7 @@ class Scheduler:
         # client's connection pool out of the background's reach.
         pool = getattr(fetcher, "max_connections", None)
         if isinstance(pool, int) and pool > 0:
-            self.window.max_requests = min(self.window.max_requests, max(1, pool - max(4, pool // 8)))
+            self.window.max_requests = min(self.window.max_requests, max(1, pool - foreground_reserve(pool)))
         mbps = self.options.max_mbps if self.options.max_mbps is not None else dl.max_mbps
         rate = mbps * MiB if mbps and mbps > 0 else 0
         self.bucket = TokenBucket(rate, burst=max(rate, self.fill_chunk, self.options.max_chunk) if rate else None,

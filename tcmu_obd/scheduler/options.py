@@ -93,3 +93,17 @@ class SchedulerOptions:
     @property
     def fixed_chunk(self) -> int:
         return self.fill_chunk if self.fill_chunk is not None else 4 * MiB
+
+
+def foreground_reserve(pool: int) -> int:
+    """Connections of an HTTP pool of `pool` the background may not use, so a foreground read
+    never queues for a connection behind the fill (Scheduler.__init__)."""
+    return max(4, pool // 8)
+
+
+def pool_for(background_requests: int) -> int:
+    """The smallest connection pool that leaves `background_requests` to the background."""
+    pool = background_requests + 4
+    while pool - foreground_reserve(pool) < background_requests:
+        pool += 1
+    return pool

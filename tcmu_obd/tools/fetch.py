@@ -159,6 +159,7 @@ async def fetch(args, gc, cfg, remote, opts, early=None) -> int:
     from ..ops.observability import ServiceOps
     from ..remote.registry import RegistryClient, Timeouts
     from ..scheduler import Priority, Scheduler
+    from ..scheduler.options import pool_for
 
     if not remote:
         print("fetch: nothing to do: every lower is local", flush=True)
@@ -166,7 +167,8 @@ async def fetch(args, gc, cfg, remote, opts, early=None) -> int:
         return 0
     timeouts = Timeouts(sock_read=args.read_timeout) if args.read_timeout is not None else None
     ops = ServiceOps("fetch", gc, args.control_socket)
-    client = RegistryClient(gc, max_connections=max(64, opts.max_concurrency + 8), timeouts=timeouts,
+    # the whole window may go to the fill: nothing reads in the foreground here
+    client = RegistryClient(gc, max_connections=pool_for(opts.max_concurrency), timeouts=timeouts,
                             socket_factory=early.socket_factory if early is not None else None)
     store = CacheStore.from_config(gc)
     sched = Scheduler(client, store, gc, opts)

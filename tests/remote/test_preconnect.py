@@ -140,3 +140,27 @@ def test_endpoint_order_and_the_host_connected_to():
     skipped = endpoints(gc, blob, lambda key: key != "https://m2/prefix/")
     assert [e.url for e in skipped] == ["https://m2/prefix/v2/r/blobs/sha256:ab", blob]  # origin never skipped
     assert endpoints(GlobalConfig(), blob) == [(blob, None, None)]
+
+
+def test_a_host_name_is_resolved_and_connected_off_the_caller():
+    family, type_, proto, _, where = socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, type_, proto) as srv:  # the address the name resolves to first
+        srv.bind(where)
+        srv.listen(4)
+        srv.settimeout(10)
+        port = srv.getsockname()[1]
+        pre = Preconnector(f"http://localhost:{port}/v2/x", 2).start()
+        assert pre.wait(10) and pre.error is None and pre.opened == 2
+        accepted = [srv.accept()[0] for _ in range(2)]
+        taken = pre.socket_factory((family, type_, proto, "", srv.getsockname()))
+        assert taken.getpeername()[:2] == srv.getsockname()[:2]
+        for s in (taken, *accepted):
+            s.close()
+        pre.close()
+
+
+def test_a_name_that_does_not_resolve_says_so():
+    pre = Preconnector("http://no-such-host.invalid:5000/v2/x", 2).start()
+    assert pre.wait(30)
+    assert pre.opened == 0 and "resolving no-such-host.invalid" in pre.error
+    pre.close()
