@@ -139,3 +139,25 @@ def test_fetch_refuses_a_bad_read_timeout_before_doing_anything(tmp_path, bad, c
         main(["fetch", "--read-timeout", bad, str(tmp_path / "missing.json")])
     assert e.value.code == 2
     assert "--read-timeout" in capsys.readouterr().err
+
+
+def test_start_up_runs_without_the_cyclic_collector_and_restores_it():
+    import gc as collector
+
+    from tcmu_obd.tools.fetch import _StartUpWithoutGC
+
+    assert collector.isenabled()
+    with _StartUpWithoutGC() as start_up:
+        assert not collector.isenabled()
+        start_up.resume()  # the first response is in: what exists now is never walked again
+        assert collector.isenabled() and collector.get_freeze_count() > 0
+    assert collector.isenabled() and collector.get_freeze_count() == 0
+
+    collector.disable()  # whoever disabled it keeps it that way
+    try:
+        with _StartUpWithoutGC() as start_up:
+            start_up.resume()
+            assert not collector.isenabled()
+        assert not collector.isenabled() and collector.get_freeze_count() == 0
+    finally:
+        collector.enable()

@@ -92,7 +92,42 @@ def register(subparsers) -> None:
     p.set_defaults(func=handler, exit_without_teardown=True)
 
 
+class _StartUpWithoutGC:
+    """The cyclic garbage collector paused while fetch starts.
+
+    Loading the HTTP client and our modules creates tens of thousands of objects, and the
+    collector went over them again and again (~50 ms of the ~0.4 s before the first request,
+    measured over 12 starts each way). `resume()` (when the first response arrives) freezes
+    everything that exists by then, so later collections during the fill never walk it again,
+    and turns collection back on; leaving the block restores the state found."""
+
+    def __enter__(self) -> "_StartUpWithoutGC":
+        import gc as collector
+
+        self._was_enabled = collector.isenabled()
+        collector.disable()
+        return self
+
+    def resume(self) -> None:
+        import gc as collector
+
+        if self._was_enabled and not collector.isenabled():
+            collector.freeze()
+            collector.enable()
+
+    def __exit__(self, *exc) -> None:
+        import gc as collector
+
+        self.resume()
+        collector.unfreeze()
+
+
 def handler(args) -> int:
+    with _StartUpWithoutGC() as start_up:
+        return _run(args, start_up)
+
+
+def _run(args, start_up: _StartUpWithoutGC) -> int:
     from ..config import load_global_config, load_image_config, local_layer_candidates
 
     gc = load_global_config(args.global_config)
@@ -109,7 +144,7 @@ def handler(args) -> int:
     import asyncio
 
     try:
-        return asyncio.run(fetch(args, gc, cfg, remote, opts, early))
+        return asyncio.run(fetch(args, gc, cfg, remote, opts, early, start_up))
     finally:
         if early is not None:
             early.close()
@@ -151,7 +186,7 @@ def _options(args):
     return o
 
 
-async def fetch(args, gc, cfg, remote, opts, early=None) -> int:
+async def fetch(args, gc, cfg, remote, opts, early=None, start_up: _StartUpWithoutGC | None = None) -> int:
     import asyncio
     import json
 
@@ -191,6 +226,8 @@ async def fetch(args, gc, cfg, remote, opts, early=None) -> int:
         receiving = asyncio.ensure_future(sched.fill_receiving.wait())
         await asyncio.wait([receiving, *waits], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         receiving.cancel()
+        if start_up is not None:
+            start_up.resume()
         await ops.start(info={"config": args.config})
         total = sum(s.size for s in sources)
         display = _make_display(args, sched, sources, total)
