@@ -5,8 +5,9 @@ and its own modules; then every one of its fresh connections pays one round trip
 handshake (200 ms to a far registry) before its request can leave. The handshake needs none of
 that code: the kernel completes a non-blocking connect() on its own. `Preconnector` starts the
 connections the first burst will use before the heavy imports (at once for an address; in a
-thread for a name, since resolving it blocks) and hands them to aiohttp through its connector's `socket_factory`, so the
-first requests go out on connections that are already open (as browsers' preconnect does).
+thread for a name, since resolving it blocks) and hands them to aiohttp through its
+connector's `socket_factory`, so the first requests go out on connections that are already
+open (as browsers' preconnect does).
 
 Only the first hop is opened early, and only when no proxy stands in the way (aiohttp then
 connects to the proxy, not to the registry). A socket whose connect failed is discarded and a

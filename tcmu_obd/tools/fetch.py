@@ -14,6 +14,7 @@ seconds=S mbps=M` (bytes fetched by *this* run — benchmarks and the resume tes
 from __future__ import annotations
 
 import argparse
+import gc as collector
 import logging
 import os
 import sys
@@ -102,24 +103,21 @@ class _StartUpWithoutGC:
     and turns collection back on; leaving the block restores the state found."""
 
     def __enter__(self) -> "_StartUpWithoutGC":
-        import gc as collector
-
         self._was_enabled = collector.isenabled()
+        self._froze = False
         collector.disable()
         return self
 
     def resume(self) -> None:
-        import gc as collector
-
         if self._was_enabled and not collector.isenabled():
             collector.freeze()
+            self._froze = True
             collector.enable()
 
     def __exit__(self, *exc) -> None:
-        import gc as collector
-
         self.resume()
-        collector.unfreeze()
+        if self._froze:
+            collector.unfreeze()
 
 
 def handler(args) -> int:
