@@ -8,9 +8,9 @@ can run before aiohttp is imported (see preconnect.py).
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
-_WHERE = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "Authenticator": "auth",
     "parse_challenge": "auth",
     "repository_of": "auth",
@@ -26,12 +26,4 @@ _WHERE = {
     "RemoteBlob": "registry",
     "RetryPolicy": "registry",
     "Timeouts": "registry",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+})

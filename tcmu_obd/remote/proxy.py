@@ -1,19 +1,21 @@
 """Which HTTP proxy a request goes through: `http_proxy` / `https_proxy` / `no_proxy`.
 
-The rules are the ones curl, urllib and aiohttp's `trust_env` follow: the proxy variable of the
-URL's scheme (lower case wins over upper case), unless `no_proxy` names the host (urllib's
-matching: domain suffixes, `host:port`, `*` for every host). The registry client decides once per scheme and host, and
-passes the answer with each request: aiohttp's `trust_env` would look the environment (and
-~/.netrc) up again in a worker thread for every request, two thread round trips before each
-range GET leaves (~0.2 ms each, 126 of them queued ahead of a fill's first burst).
+urllib's rules (`urllib.request.getproxies_environment` and `proxy_bypass_environment`, the
+ones aiohttp's `trust_env` applies too): the proxy variable of the URL's scheme, lower case
+winning over upper case, unless `no_proxy` names the host (domain suffixes, `host:port`, `*`
+for every host). The registry client decides once per scheme and host and passes the answer
+with each request: `trust_env` looked the environment (and ~/.netrc) up again in a worker
+thread for every request, two thread round trips before each range GET left (128 of them
+queued ahead of a fill's first burst of 64).
 
 Credentials in a proxy URL (`http://user:pass@proxy:3128`) are sent to the proxy only.
 """
 
 from __future__ import annotations
 
+import os
 import urllib.parse
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 
 class Proxy(NamedTuple):
@@ -22,28 +24,21 @@ class Proxy(NamedTuple):
     password: str | None = None
 
 
-def _variables(environ: Mapping[str, str]) -> dict[str, str]:
-    """scheme -> value of the *_proxy variables that are set (lower case wins)."""
-    found: dict[str, str] = {}
-    for key in sorted(environ, key=lambda k: k.islower()):  # upper case first, lower case overrides
-        if key.lower().endswith("_proxy") and environ[key]:
-            found[key.lower()[: -len("_proxy")]] = environ[key]
-    return found
+def proxy_for(url: str) -> Proxy | None:
+    """The proxy `url` goes through under the environment, or None for a direct connection."""
+    if not any(value and name[-6:].lower() == "_proxy" for name, value in os.environ.items()):
+        return None  # the usual case, decided without importing urllib.request (~20 ms)
+    from urllib.request import getproxies_environment, proxy_bypass_environment
 
-
-def proxy_for(url: str, environ: Mapping[str, str]) -> Proxy | None:
-    """The proxy `url` goes through under `environ`, or None for a direct connection."""
-    variables = _variables(environ)
+    proxies = getproxies_environment()
     parts = urllib.parse.urlsplit(url)
-    value = variables.get(parts.scheme)
+    value = proxies.get(parts.scheme)
     if not value:
         return None
-    from urllib.request import proxy_bypass_environment  # only when a proxy is set (~20 ms to import)
-
     host = parts.hostname or ""
     if parts.port is not None:
         host += f":{parts.port}"
-    if proxy_bypass_environment(host, variables):
+    if proxy_bypass_environment(host, proxies):
         return None
     if "://" not in value:  # `proxy:3128`, as curl accepts it
         value = "http://" + value

@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import os
 import random
 import re
 import ssl
@@ -279,7 +278,7 @@ class RegistryClient:
         key = (parts.scheme, parts.netloc.rpartition("@")[2])
         opts = self._proxies.get(key)
         if opts is None:
-            p = proxy_for(url, os.environ)
+            p = proxy_for(url)
             opts = {}
             if p is not None:
                 opts["proxy"] = p.url

@@ -8,9 +8,9 @@ before the scheduler and the modules it needs are imported (see tools/fetch.py).
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
-_WHERE = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "AdaptiveWindow": "control",
     "FixedWindow": "control",
     "TokenBucket": "control",
@@ -28,12 +28,4 @@ _WHERE = {
     "TraceRecorder": "prefetch",
     "replay_trace": "prefetch",
     "trace_mode": "prefetch",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+})

@@ -158,7 +158,7 @@ def _preconnect(gc, cfg, remote, opts):
     if not remote or not cfg.repo_blob_url:
         return None
     first = endpoints(gc, cfg.blob_url(remote[0].digest))[0].connect_url
-    if proxy_for(first, os.environ) is not None:
+    if proxy_for(first) is not None:
         return None
     try:
         return Preconnector(first, opts.first_burst).start()

@@ -4,6 +4,7 @@ docker-registry, real NBD client), and what those processes write: log file, aud
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from typing import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +30,20 @@ KiB = 1024
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tcmu_obd.cli", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _running_cli(*args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """`tcmu-obd ARGS` started in the background (text pipes); killed on the way out if the
+    test left it running."""
+    proc = subprocess.Popen([sys.executable, "-m", "tcmu_obd.cli", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _status(sock) -> dict | None:
@@ -57,20 +73,13 @@ def test_status_of_a_fetch_whose_registry_is_unreachable(tmp_path):
     conf = tmp_path / "config.v1.json"
     conf.write_text(json.dumps({"repoBlobUrl": f"http://127.0.0.1:{port}/v2/ops/down/blobs/",
                                 "lowers": [{"digest": "sha256:" + "ab" * 32, "size": 1 << 20}]}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tcmu_obd.cli", "fetch", "--global-config", str(gconf), "--progress", "none",
-         "--control-socket", str(sock), str(conf)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _running_cli("fetch", "--global-config", str(gconf), "--progress", "none", "--control-socket", str(sock),
+                      str(conf)) as proc:
         st = wait_until(lambda: _status(sock), 30, "the control socket of a fetch with no registry")
         assert st["command"] == "fetch" and st["pid"] == proc.pid
         assert proc.poll() is None  # still trying
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err
     assert not sock.exists()
 
@@ -94,11 +103,9 @@ def test_status_of_a_running_fetch(tmp_path, registry):  # noqa: F811
         conf.write_text(json.dumps({"repoBlobUrl": f"{proxy.url}/v2/ops/status/blobs/",
                                     "lowers": [{"digest": digest, "size": size, "dir": str(tmp_path / "layer")}]}))
         (tmp_path / "layer").mkdir()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tcmu_obd.cli", "fetch", "--global-config", str(gconf), "--progress", "none",
-             "--mode", "fixed", "--concurrency", "2", "--chunk-size", "128K", "--control-socket", str(sock),
-             str(conf)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with _running_cli("fetch", "--global-config", str(gconf), "--progress", "none", "--mode", "fixed",
+                          "--concurrency", "2", "--chunk-size", "128K", "--control-socket", str(sock),
+                          str(conf)) as proc:
             st = wait_until(lambda: (s := _status(sock)) and _value(s, "tcmu_obd_fetched_bytes_total",
                                                                      priority="fill") > 0 and s,
                             30, "fetch to report fill bytes")
@@ -124,10 +131,6 @@ def test_status_of_a_running_fetch(tmp_path, registry):  # noqa: F811
                 _value(st, "tcmu_obd_fetched_bytes_total", priority="fill")
             proxy.clear()  # the rest at full speed
             out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     assert proc.returncode == 0, err
     assert "fetch: done blobs=1" in out
     assert not sock.exists()  # removed on exit
@@ -150,12 +153,9 @@ def test_status_of_a_running_serve_counts_nbd_commands_and_audits_open_close(tmp
     gconf.write_text(json.dumps({"logConfig": {"logLevel": 0, "logPath": str(tmp_path / "serve.log")},
                                  "enableAudit": True, "auditPath": str(audit)}))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tcmu_obd.cli", "serve", "--global-config", str(gconf), "--raw", str(raw),
-               "--nbd", f"unix:{tmp_path}/nbd.sock", "--read-only"]
     env = dict(os.environ, TCMU_OBD_CONTROL_DIR=str(run_dir))  # the default socket path, under tmp
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
+    with _running_cli("serve", "--global-config", str(gconf), "--raw", str(raw), "--nbd", f"unix:{tmp_path}/nbd.sock",
+                      "--read-only", env=env) as proc:
         line = proc.stdout.readline()
         assert "listening on" in line, proc.stderr.read() if proc.poll() is not None else line
         uri = line.split("listening on ", 1)[1].split()[0]
@@ -177,10 +177,6 @@ def test_status_of_a_running_serve_counts_nbd_commands_and_audits_open_close(tmp
         assert wrong.returncode == 1 and "not a tcmu-obd control socket" in wrong.stderr
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0
     assert (tmp_path / "copy.raw").read_bytes() == raw.read_bytes()
     lines = audit.read_text().splitlines()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -16,7 +17,16 @@ from tests.remote.helpers import client
 from tests.support.registry import free_port, push_blob, registry, wait_until  # noqa: F401  (fixture)
 
 BLOB = random.Random(12).randbytes(1024 * 1024 + 77)
-PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+
+
+@pytest.fixture
+def clean_proxy_env(monkeypatch):
+    """No proxy setting from the environment the tests run in (nor a CGI REQUEST_METHOD, under
+    which urllib ignores http_proxy)."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy") or name == "REQUEST_METHOD":
+            monkeypatch.delenv(name)
+    return monkeypatch
 
 
 @pytest.mark.parametrize("env,url,expect", [
@@ -37,8 +47,10 @@ PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
     ({"HTTP_PROXY": "http://u%40corp:p%3Aw@proxy:3128"}, "http://reg/v2/x", Proxy("http://proxy:3128", "u@corp", "p:w")),
     ({"HTTP_PROXY": "http://u@[fd00::1]:3128"}, "http://reg/v2/x", Proxy("http://[fd00::1]:3128", "u", "")),
 ])
-def test_proxy_follows_the_environment(env, url, expect):
-    assert proxy_for(url, env) == expect
+def test_proxy_follows_the_environment(clean_proxy_env, env, url, expect):
+    for name, value in env.items():
+        clean_proxy_env.setenv(name, value)
+    assert proxy_for(url) == expect
 
 
 @pytest.fixture
@@ -80,14 +92,6 @@ def tinyproxy(tmp_path):
 
 def _proxied_requests(log, blob_path: str) -> int:
     return sum(1 for line in log.read_text().splitlines() if "Request" in line and blob_path in line)
-
-
-@pytest.fixture
-def clean_proxy_env(monkeypatch):
-    for name in PROXY_VARS:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-    return monkeypatch
 
 
 async def _read(url: str, size: int) -> bytes:
