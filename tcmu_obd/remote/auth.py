@@ -28,7 +28,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
 
-import aiohttp
+from .aiohttp_loader import aiohttp
 
 from ..errors import AuthError, RemoteError, RemoteTimeout
 from .credentials import CredentialProvider

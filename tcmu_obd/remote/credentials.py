@@ -33,7 +33,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-import aiohttp
+from .aiohttp_loader import aiohttp
 
 from ..config import CredentialConfig
 from ..errors import RemoteError
@@ -228,12 +228,12 @@ class CredentialProvider:
             if cfg.mode == "uds":
                 connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=cfg.path)
             else:
-                ssl_ctx: ssl.SSLContext | None = None
-                if cfg.mode == "https":
-                    ssl_ctx = ssl.create_default_context(cafile=cfg.server_ca_path or None)
-                    if cfg.client_cert_path:
-                        ssl_ctx.load_cert_chain(cfg.client_cert_path, cfg.client_key_path or None)
-                connector = aiohttp.TCPConnector(ssl=ssl_ctx if ssl_ctx is not None else True)
+                # a context of our own also for plain http (a redirect may lead to https):
+                # aiohttp's default one is built without the CA file (see aiohttp_loader)
+                ssl_ctx = ssl.create_default_context(cafile=cfg.server_ca_path or None)
+                if cfg.mode == "https" and cfg.client_cert_path:
+                    ssl_ctx.load_cert_chain(cfg.client_cert_path, cfg.client_key_path or None)
+                connector = aiohttp.TCPConnector(ssl=ssl_ctx)
             self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": self.user_agent})
         return self._session
 

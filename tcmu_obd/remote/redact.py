@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-import aiohttp
+from .aiohttp_loader import aiohttp
 
 from ..errors import redact_userinfo
 

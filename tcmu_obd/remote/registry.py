@@ -49,7 +49,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-import aiohttp
+from .aiohttp_loader import aiohttp
 
 from .. import __version__
 from ..config import GlobalConfig
