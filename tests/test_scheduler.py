@@ -142,6 +142,44 @@ async def test_prefetch_is_admitted_before_fill(tmp_path, blob_a):
     await s.aclose()
 
 
+async def test_while_filling_a_foreground_get_starts_at_the_readers_page(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data}, gated=True)
+    s = make_sched(tmp_path, f, concurrency=1)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    fill = await f.wait_calls(1)  # the background window (1 request) is full
+    page = 3 * MiB + REFILL - 8 * KiB  # the unit's second-to-last page
+    fg = asyncio.create_task(s.ensure(b, page + 100, 10, Priority.FOREGROUND))
+    own = await f.wait_calls(2)
+    assert (own.offset, own.end) == (page, 3 * MiB + REFILL)  # from the reader's page to the unit's end
+    own.release.set()
+    await fg  # never waited for the unit's head
+    assert not b.cache.is_present(3 * MiB, page)
+    fill.release.set()
+    # the fill brings the head: its chunk that reaches the unit ends where the read began
+    for _ in range(len(data) // MiB + 2):  # the fill's 1 MiB chunks, one at a time
+        if b.cache.is_present(3 * MiB, page):
+            break
+        call = await f.wait_calls(len(f.calls) + 1)
+        assert not (call.offset < page < call.end)  # nothing fetched the read's bytes again
+        call.release.set()
+    assert b.cache.is_present(3 * MiB, page)
+    await s.aclose()
+
+
+async def test_without_a_fill_a_foreground_miss_is_one_refill_aligned_get(tmp_path, blob_a):
+    url, data, digest = blob_a
+    f = FakeFetcher({url: data})
+    s = make_sched(tmp_path, f)
+    b = await s.open_remote(url, digest, len(data))
+    page = 3 * MiB + REFILL - 8 * KiB
+    await s.ensure(b, page + 100, 10)  # nothing else will fetch the head: the whole unit
+    await s.ensure(b, 2 * MiB + 5, 4 * KiB)  # spans two pages at a unit's start
+    assert [(c.offset, c.length) for c in f.calls] == [(3 * MiB, REFILL), (2 * MiB, REFILL)]
+    await s.aclose()
+
+
 async def test_foreground_promotes_a_queued_prefetch(tmp_path, blob_a):
     url, data, digest = blob_a
     f = FakeFetcher({url: data}, gated=True)

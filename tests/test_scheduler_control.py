@@ -18,6 +18,7 @@ from tcmu_obd.scheduler import AdaptiveWindow, FixedWindow, TokenBucket, WindowS
 
 MB = 1e6
 MiB = 1 << 20
+KiB = 1 << 10
 
 
 class LinkSim:
@@ -123,6 +124,19 @@ def test_foreground_latency_inflation_shrinks_the_window():
     w.on_foreground(0.1, 4096, 0.9)  # 4.5× the best: background is queueing in front
     assert w.window_bytes == int(before * 0.7)
     w.on_foreground(0.2, 4096, 0.9)  # at most once per round
+    assert w.window_bytes == int(before * 0.7)
+
+
+def test_foreground_queueing_is_read_from_time_to_first_byte_when_known():
+    w = AdaptiveWindow(2 * MiB, initial_bytes=40 * 2 * MiB)
+    w.state = WindowState.STEADY
+    w.on_foreground(0.0, 8 * KiB, 0.21, ttfb=0.2)  # a few KiB from the reader's page
+    w.on_start(0.0, 2 * MiB)
+    before = w.window_bytes
+    # a whole refill unit behind a flow's share of the link: long, but nothing queued in front
+    w.on_foreground(0.1, 256 * KiB, 0.7, ttfb=0.22)
+    assert w.window_bytes == before
+    w.on_foreground(0.2, 8 * KiB, 0.71, ttfb=0.7)  # its first byte 3.5× late: a queue in front
     assert w.window_bytes == int(before * 0.7)
 
 

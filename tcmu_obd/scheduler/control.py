@@ -103,7 +103,7 @@ class FixedWindow:
         self.inflight_bytes -= nbytes
         self.inflight_requests -= 1
 
-    def on_foreground(self, now: float, nbytes: int, latency: float) -> None:
+    def on_foreground(self, now: float, nbytes: int, latency: float, ttfb: float | None = None) -> None:
         pass
 
     def __repr__(self) -> str:
@@ -300,7 +300,12 @@ class AdaptiveWindow(FixedWindow):
         if sent_at >= self._round_start and now - self._round_start >= self.min_round_s and self._round_lat:
             self._end_round(now)
 
-    def on_foreground(self, now: float, nbytes: int, latency: float) -> None:
+    def on_foreground(self, now: float, nbytes: int, latency: float, ttfb: float | None = None) -> None:
+        # A foreground GET's time to its first byte, when known: the queue in front of it,
+        # whatever its size (a GET from the reader's page to the end of its refill unit may be
+        # a few KiB or the whole unit).
+        if ttfb is not None:
+            latency = ttfb
         if self._fg_best is None or latency < self._fg_best:
             self._fg_best = latency
             return

@@ -22,7 +22,8 @@ Three classes, `Priority.FOREGROUND < PREFETCH < FILL`:
 * FOREGROUND (a read from a device): planned and started at once, never queued, not counted
   against the background window. The missing pages of the read are widened to `refillSize`
   alignment (as upstream's file cache does); missing runs separated by at most one refill
-  unit are coalesced into one GET. A range already in flight is waited for (until its bytes
+  unit are coalesced into one GET. While the blob is being filled the GET starts at the
+  read's own first page instead (still ending at a unit boundary): the fill brings the head. A range already in flight is waited for (until its bytes
   arrive), not refetched, unless a fresh GET would be faster (overlay, above). A PREFETCH
   transfer still waiting for admission is *promoted* instead: it starts at once.
 * PREFETCH (trace replay) and FILL (background download) share one window of bytes in
@@ -454,7 +455,7 @@ class Scheduler:
                 merged[-1][1] = e
             else:
                 merged.append([s, e])
-        need_end = min(_align_up(end, PAGE), b.size)
+        need_start, need_end = _align_down(start, PAGE), min(_align_up(end, PAGE), b.size)
         carriers: list[Transfer] = []
         now = self.clock()
         for s, e in merged:
@@ -488,6 +489,12 @@ class Scheduler:
                 nxt = b.next_inflight_start(pos)
                 if nxt is not None:
                     stop = min(stop, nxt)
+                if priority == Priority.FOREGROUND and pos < need_start < stop and b.fill_state is FillState.ACTIVE:
+                    # While the blob is being filled, a read's GET starts at its own first page
+                    # and the fill brings the refill unit's head. From the unit's start, the
+                    # read waited for the whole head: on a fresh connection (10 segments, then
+                    # the registry's pacing) that took rounds of 200 ms, 1-1.9 s in all.
+                    pos = need_start
                 carriers.append(self._launch(b, pos, stop, priority))
                 pos = stop
         waits: list[asyncio.Future] = []
@@ -702,7 +709,7 @@ class Scheduler:
                     flow = n / (latency - ttfb)
                     self._fill_flow_rate = flow if not self._fill_flow_rate else 0.8 * self._fill_flow_rate + 0.2 * flow
             else:
-                self.window.on_foreground(self.clock(), n, latency)
+                self.window.on_foreground(self.clock(), n, latency, ttfb=ttfb)
                 self.stats.observe_fg(latency)
                 if n <= 2 * self.refill:
                     self._fg_est = latency if self._fg_est is None else 0.75 * self._fg_est + 0.25 * latency
