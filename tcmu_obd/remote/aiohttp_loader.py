@@ -9,10 +9,10 @@ the credential helper's session), built after this import and so from the enviro
 user set it.
 
 So the import runs with `SSL_CERT_FILE` (OpenSSL's documented override of its default CA file)
-pointing at an empty file, and the variable is put back as it was at once. aiohttp's contexts
-still have OpenSSL's default CA directory, looked up lazily, so anything that did fall back on
-them would verify against the system store where it is a hashed directory (Debian's
-/etc/ssl/certs) and fail verification (closed) where it is not; it never skips verification.
+pointing at an empty file, and the variable is put back as it was at once. Should anything
+ever fall back on aiohttp's verifying context, it still verifies (against OpenSSL's default CA
+directory alone, looked up lazily), so the worst outcome is a refused certificate, never an
+unchecked one; tests/remote/test_aiohttp_loader.py checks what the import leaves behind.
 
 The environment is only touched while this is the process's only thread: glibc's setenv is not
 safe against a getenv in another thread (the preconnect thread resolving a name calls it). With

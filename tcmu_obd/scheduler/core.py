@@ -23,9 +23,10 @@ Three classes, `Priority.FOREGROUND < PREFETCH < FILL`:
   against the background window. The missing pages of the read are widened to `refillSize`
   alignment (as upstream's file cache does); missing runs separated by at most one refill
   unit are coalesced into one GET. While the blob is being filled the GET starts at the
-  read's own first page instead (still ending at a unit boundary): the fill brings the head. A range already in flight is waited for (until its bytes
-  arrive), not refetched, unless a fresh GET would be faster (overlay, above). A PREFETCH
-  transfer still waiting for admission is *promoted* instead: it starts at once.
+  read's own first page instead (still ending at a unit boundary): the fill brings the head.
+  A range already in flight is waited for (until its bytes arrive), not refetched, unless a
+  fresh GET would be faster (overlay, above). A PREFETCH transfer still waiting for
+  admission is *promoted* instead: it starts at once.
 * PREFETCH (trace replay) and FILL (background download) share one window of bytes in
   flight, sized by the controller (AdaptiveWindow, or FixedWindow for `upstream`/fixed
   modes). Waiters are admitted strictly by priority, then arrival; while any foreground
