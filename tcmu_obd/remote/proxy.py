@@ -45,10 +45,6 @@ def proxy_for(url: str) -> Proxy | None:
     p = urllib.parse.urlsplit(value)
     if p.username is None:
         return Proxy(value)
-    netloc = p.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if p.port is not None:
-        netloc += f":{p.port}"
-    bare = urllib.parse.urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
+    # the netloc after its userinfo, as written (brackets and port included), as redact_url does
+    bare = urllib.parse.urlunsplit((p.scheme, p.netloc.rpartition("@")[2], p.path, p.query, p.fragment))
     return Proxy(bare, urllib.parse.unquote(p.username), urllib.parse.unquote(p.password or ""))
