@@ -658,6 +658,39 @@ async def test_fill_endgame_spreads_the_remainder_over_free_request_slots(tmp_pa
     await s.aclose()
 
 
+async def test_fill_endgame_sizes_requests_to_end_with_the_transfers_in_flight(tmp_path):
+    """Once every connection rate is known, an endgame request is sized to what one
+    connection delivers in what the transfers still to come take, less the round trip before
+    its first byte; bytes already written by a transfer in flight count once, as present."""
+    data, digest = make_blob(6, 6 * MiB)
+    url = f"http://reg/v2/r/blobs/{digest}"
+    f = SteppedFetcher({url: data})
+    s = make_sched(tmp_path, f, concurrency=4, chunk=1 * MiB)
+    b = await s.open_remote(url, digest, len(data))
+    s.start_fill(b, delay=0)
+    await f.wait_calls(4)
+    calls = sorted(f.calls, key=lambda c: c.offset)
+    assert [(c.offset, c.length) for c in calls] == [(i * MiB, MiB) for i in range(4)]
+    assert s._chunk_size() == MiB  # no rate known yet: the 2 MiB left over the free slots
+    for c in calls:
+        await c.steps.put(512 * KiB)
+    await until(lambda: all(t.written == t.start + 512 * KiB for t in b.inflight))
+    assert b.cache.present_bytes == 4 * 512 * KiB
+    assert s._unrequested_fill_bytes(1 << 40) == 2 * MiB  # written bytes are not left twice
+    s._fill_flow_rate, s._fill_ttfb = float(MiB), 0.25
+    # (2 MiB left + 4 x 512 KiB still to come) over 5 transfers, less 0.25 s at 1 MiB/s
+    assert s._chunk_size() == 577536  # 576716 bytes, page-aligned up
+    s._fill_ttfb = 2.0  # the transfers in flight end first: the smallest request
+    assert s._chunk_size() == 256 * KiB
+    s._fill_flow_rate = 1.0  # a crawling link: the round trip costs nothing, the share is all
+    assert s._chunk_size() == 839680  # 4 MiB / 5, page-aligned up
+    f.run_free()
+    await s.wait_filled(b)
+    with open(b.cache.path, "rb") as fh:
+        assert fh.read() == data
+    await s.aclose()
+
+
 async def test_fill_endgame_requests_a_stragglers_back_half_again(tmp_path):
     """Every missing byte is in flight and one transfer crawls (a connection in loss
     recovery): its back half is requested again on a fresh request, the fill completes with
