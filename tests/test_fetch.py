@@ -108,28 +108,34 @@ def test_interrupted_mid_fill_then_resume(tmp_path, registry, sig):  # noqa: F81
     m = DONE.search(out.stdout)
     assert m, out.stdout
     fetched = int(m.group(2))
-    assert fetched <= size - at_kill  # resumed: what was durable was not fetched again
+    assert fetched <= size - at_kill, out.stderr[-3000:]  # resumed: what was durable was not fetched again
     assert fetched < size
     assert (tmp_path / "layer0" / "overlaybd.commit").read_bytes() == data
 
 
 def test_fetch_options_start_wide_and_staggered():
-    """fetch has the link to itself: a wide first burst (64 requests on connections opened
-    early) whose request sizes are staggered, requests of ~1/10 of the BDP, and a window only
-    a queue in front of the bottleneck shrinks; a daemon's scheduler keeps the defaults."""
+    """fetch has the link to itself: a wide first burst (128 requests of 512 KiB on
+    connections opened early) whose request sizes are staggered, requests of ~1/10 of the BDP,
+    and a window only a queue in front of the bottleneck shrinks; a daemon's scheduler keeps
+    the defaults."""
     from tcmu_obd.cli import build_parser
     from tcmu_obd.scheduler import SchedulerOptions
     from tcmu_obd.tools.fetch import _options
 
     o = _options(build_parser(["fetch", "c.json"]).parse_args(["fetch", "c.json"]))
-    assert (o.mode, o.initial_requests, o.stagger_first_burst) == ("adaptive", 64, True)
+    assert (o.mode, o.initial_requests, o.stagger_first_burst) == ("adaptive", 128, True)
+    assert (o.initial_chunk, o.max_concurrency) == (512 * 1024, 128)
     assert (o.queue_signal, o.chunk_bdp_fraction) == ("first_byte", 0.1)
-    assert o.first_burst == 64  # connections opened early
+    assert o.first_burst == 128  # connections opened early
+    w = o.make_window(256 * 1024)
+    assert (w.window_bytes, w.chunk, w.max_requests) == (64 << 20, 512 * 1024, 128)
+    narrow = _options(build_parser(["fetch", "c.json"]).parse_args(["fetch", "--concurrency", "32", "c.json"]))
+    assert (narrow.max_concurrency, narrow.first_burst) == (32, 32)
     assert SchedulerOptions(mode="fixed", fixed_concurrency=16).first_burst == 16
     assert SchedulerOptions(mode="upstream").first_burst == 1
     d = SchedulerOptions()
     assert (d.initial_requests, d.stagger_first_burst, d.queue_signal, d.chunk_bdp_fraction) == (8, False, "request", 1.0)
-    w = o.make_window(256 * 1024)
+    assert (d.initial_chunk, d.max_concurrency) == (1 << 20, 64)
     assert (w.queue_signal, w.chunk_bdp_fraction) == ("first_byte", 0.1)
 
 

@@ -691,46 +691,82 @@ async def test_fill_endgame_sizes_requests_to_end_with_the_transfers_in_flight(t
     await s.aclose()
 
 
-async def test_fill_endgame_requests_a_stragglers_back_half_again(tmp_path):
-    """Every missing byte is in flight and one transfer crawls (a connection in loss
-    recovery): its back half is requested again on a fresh request, the fill completes with
-    the fresh copy, and the straggler is not waited for."""
-    data, digest = make_blob(3, 8 * MiB)
+async def _endgame_with_one_straggler(tmp_path, seed, size, chunk, first):
+    """Four fill requests cover the whole blob (the endgame from the start). Each sees its
+    first `first` bytes 0.2 s after it was sent; 0.4 s later (a transfer's rate is judged on
+    two round trips of body at least) all but the first have finished. Returns the scheduler,
+    the fetcher, the blob, the straggler's call, the clock and the data."""
+    data, digest = make_blob(seed, size)
     url = f"http://reg/v2/r/blobs/{digest}"
     f = SteppedFetcher({url: data})
-    s = make_sched(tmp_path, f, concurrency=4, chunk=2 * MiB)
+    s = make_sched(tmp_path, f, concurrency=4, chunk=chunk)
     clock = FakeClock()
     s.clock = clock
     b = await s.open_remote(url, digest, len(data))
     s.start_fill(b, delay=0)
     await f.wait_calls(4)
     calls = sorted(f.calls[:4], key=lambda c: c.offset)
-    assert calls[-1].end == len(data)  # the whole blob is in flight: the endgame
+    assert calls[-1].end == len(data)
     slow = calls[0]
-    # every request sees its first byte 0.2 s after it was sent; the others then finish at
-    # ~10 MB/s, while the first one delivers 64 KiB and stalls
     clock.t += 0.2
     for c in calls:
-        await c.steps.put(64 * KiB)
-    await until(lambda: all(t.received == 64 * KiB for t in b.inflight))
-    clock.t += 0.2
+        await c.steps.put(first)
+    await until(lambda: all(t.received == first for t in b.inflight))
+    clock.t += 0.4
     others = [t.task for t in b.inflight if t.start != slow.offset]
     for c in calls[1:]:
         await c.steps.put(None)
     await asyncio.gather(*others)
-    # the straggler is at 320 KiB/s, the others ran at ~10 MB/s: with nothing left to hand
+    return s, f, b, slow, clock, data
+
+
+async def _finish_with_the_hedge(s, b, hedge, slow, data):
+    assert s.stats.hedges == 1
+    await hedge.steps.put(None)
+    await s.wait_filled(b)
+    assert not slow.done  # the fill did not wait for the straggler's own copy
+    with open(b.cache.path, "rb") as fh:
+        assert fh.read() == data
+    await s.aclose()
+
+
+async def test_fill_endgame_requests_a_stragglers_back_half_again(tmp_path):
+    """Every missing byte is in flight and one transfer crawls (a connection in loss
+    recovery): its back half is requested again on a fresh request, the fill completes with
+    the fresh copy, and the straggler is not waited for."""
+    s, f, b, slow, clock, data = await _endgame_with_one_straggler(tmp_path, 3, 8 * MiB, 2 * MiB, 64 * KiB)
+    # the straggler is at 160 KiB/s, the others ran at ~5 MB/s: with nothing left to hand
     # out, the filler looks again within a round trip (the bound only turns a hang into a
     # failure)
     hedge = await asyncio.wait_for(f.wait_calls(5), timeout=30)
     assert hedge.end == slow.end and slow.offset + 64 * KiB < hedge.offset < slow.end
-    assert s.stats.hedges == 1
-    await hedge.steps.put(None)
     await slow.steps.put(hedge.offset - slow.offset)  # the straggler's front half, no more
-    await s.wait_filled(b)
-    assert not slow.done  # the fill did not wait for the straggler's own copy of the back half
-    with open(b.cache.path, "rb") as fh:
-        assert fh.read() == data
-    await s.aclose()
+    await _finish_with_the_hedge(s, b, hedge, slow, data)
+
+
+async def test_fill_endgame_requests_a_transfer_stalled_mid_body_again(tmp_path):
+    """A transfer whose bytes came quickly and then stopped (a lost segment waiting for its
+    retransmission timeout) looks fine by its average rate; no byte for three round trips
+    makes it a straggler all the same, and the fill does not wait for it."""
+    s, f, b, slow, clock, data = await _endgame_with_one_straggler(tmp_path, 5, 2 * MiB, 512 * KiB, 320 * KiB)
+    # by its average (320 KiB in 0.4 s) the straggler is due in 0.25 s: no hedge yet
+    assert s._hedge_pick() is None
+    clock.t += 0.5  # ... but nothing has come for 0.9 s: more than three round trips
+    hedge = await asyncio.wait_for(f.wait_calls(5), timeout=30)
+    assert hedge.end == slow.end and slow.offset <= hedge.offset <= slow.offset + 320 * KiB
+    await _finish_with_the_hedge(s, b, hedge, slow, data)
+
+
+async def test_fill_endgame_requests_all_a_small_straggler_awaits_again(tmp_path):
+    """A straggler with less than two minimum requests left (fetch's 512 KiB requests end
+    this way) is not split: all of it that is not in the cache yet is requested again (bytes
+    it received but has not written stay in its buffer while it stalls), and the fill
+    completes without it."""
+    s, f, b, slow, clock, data = await _endgame_with_one_straggler(tmp_path, 4, 2 * MiB, 512 * KiB, 64 * KiB + 100)
+    hedge = await asyncio.wait_for(f.wait_calls(5), timeout=30)
+    # 448 KiB left (< 2 x 256 KiB), nothing written yet (less than a write piece arrived)
+    assert (hedge.offset, hedge.end) == (slow.offset, slow.end)
+    await _finish_with_the_hedge(s, b, hedge, slow, data)
 
 
 async def test_first_fill_burst_has_staggered_sizes(tmp_path):

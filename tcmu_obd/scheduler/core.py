@@ -81,6 +81,14 @@ WRITE_PIECE = 512 * 1024
 # ... or after this long since its last piece, so a process killed mid-fill loses about this
 # much of each transfer (plus the cache's commit interval), not up to a whole piece
 PIECE_SECONDS = 0.1
+# fill endgame: a straggler that awaits less than this is not requested again (the hedge's own
+# round trip and GET cost more than the bytes; _hedge_pick's time test decides the rest)
+HEDGE_MIN_BYTES = 64 * 1024
+# ... and one awaiting less than two minimum requests only among this many fill transfers
+HEDGE_SMALL_MAX_INFLIGHT = 4
+# ... and its rate is judged on at least this long (and two round trips) of its body: through a
+# local proxy, the first 3.6 KB of a 256 KiB response in 20 ms made it look 1.4 s from done
+HEDGE_MIN_RECEIVING = 0.25
 
 
 def _transfer_buffer(n: int, *, lazy: bool) -> memoryview:
@@ -142,6 +150,7 @@ class SchedulerStats:
     read_wait_sum: float = 0.0
     slow_reads: int = 0
     hedges: int = 0  # fill endgame: straggling transfers whose back half was requested again
+    hedged_bytes: int = 0  # ... and the bytes those requests asked for (fetched twice if both land)
 
     def observe_fg(self, latency: float) -> None:
         self.fg_latency_sum += latency
@@ -174,7 +183,7 @@ class Transfer:
 
     __slots__ = ("blob", "start", "end", "priority", "task", "admit", "counted", "queued_at", "sent_at",
                  "first_byte_at", "received", "written", "waiters", "wake", "overlay", "hedged", "piece_at",
-                 "__weakref__")
+                 "progress_at", "__weakref__")
 
     def __init__(self, blob: "RemoteBlob", start: int, end: int, priority: Priority):
         self.blob, self.start, self.end, self.priority = blob, start, end, priority
@@ -187,6 +196,7 @@ class Transfer:
         self.received = 0
         self.written = start
         self.piece_at = 0.0  # when the last piece was written (or the first byte came)
+        self.progress_at = 0.0  # when the last bytes came
         self.waiters: list[tuple[int, asyncio.Future]] = []
         self.wake: asyncio.Future | None = None
         self.overlay = False
@@ -620,8 +630,9 @@ class Scheduler:
 
     def _on_progress(self, t: Transfer, n: int) -> None:
         if n > t.received:
+            t.progress_at = self.clock()
             if t.received == 0:
-                t.first_byte_at = t.piece_at = self.clock()
+                t.first_byte_at = t.piece_at = t.progress_at
                 if t.priority == Priority.FILL:
                     self.fill_receiving.set()
             t.received = n
@@ -965,10 +976,13 @@ class Scheduler:
 
     def _hedge_pick(self) -> tuple[RemoteBlob, int, int] | None:
         """Sync, fill endgame (every missing byte already in flight): the back half of the fill
-        transfer that will finish last, when a fresh request would deliver it much sooner.
-        A connection in loss recovery, or one that went idle and restarts slow, otherwise
-        holds the whole fill for seconds while the link idles. The duplicate bytes (at most
-        half a request per straggler) are the price; whichever copy lands first is kept."""
+        transfer that will finish last (when it awaits less than two minimum requests: all of
+        it not yet in the cache), when a fresh request would deliver it much sooner. A
+        connection in loss recovery, or one that went idle and restarts slow, otherwise holds
+        the whole fill while the link idles: on the 200 ms rig a last 512 KiB request that
+        stalled after a loss held a 256 MiB fetch 0.8 s. The duplicate bytes (at most a minimum
+        request or half a request per straggler) are the price; whichever copy lands first is
+        kept."""
         if self.options.mode == "upstream" or not self._progressive:
             return None
         w = self.window
@@ -979,17 +993,30 @@ class Scheduler:
             return None
         now = self.clock()
         worst, worst_eta = None, 0.0
+        fill_inflight = 0
         for b in self._fill_order:
             if b.fill_state is not FillState.ACTIVE:
                 continue
             for t in (*b.inflight, *b.extra):
                 if t.priority != Priority.FILL or t.hedged or t.sent_at is None:
                     continue
+                fill_inflight += 1
                 left = t.end - (t.start + t.received)
-                if left < 2 * self.options.min_chunk:
+                if left < HEDGE_MIN_BYTES:
                     continue
                 if t.received > 0 and t.first_byte_at is not None:
-                    eta = left / (t.received / max(now - t.first_byte_at, 0.02))
+                    receiving = now - t.first_byte_at
+                    if now - t.progress_at > max(3 * rtt, HEDGE_MIN_RECEIVING):
+                        eta = float("inf")  # stalled mid-body (a lost segment's retransmission timeout)
+                    elif receiving < max(2 * rtt, HEDGE_MIN_RECEIVING):
+                        continue  # its first bytes say little of its rate
+                    else:
+                        eta = left / (t.received / receiving)
+                elif left < 2 * self.options.min_chunk:
+                    # no byte yet: more likely queued behind the others (at the registry, at a
+                    # proxy) than stalled; through a local proxy, asking for these again made a
+                    # resumed 14 MiB fetch pull 27 MB
+                    continue
                 elif now - t.sent_at > 3 * rtt:
                     eta = float("inf")  # no byte after three round trips: stalled
                 else:
@@ -998,13 +1025,25 @@ class Scheduler:
                     worst, worst_eta = t, eta
         if worst is None:
             return None
-        mid = _align_up(worst.start + worst.received + (worst.end - worst.start - worst.received) // 2, PAGE)
+        left = worst.end - worst.start - worst.received
+        if left >= 2 * self.options.min_chunk:
+            mid = _align_up(worst.start + worst.received + left // 2, PAGE)
+        elif fill_inflight > HEDGE_SMALL_MAX_INFLIGHT:
+            # while more are in flight the link is busy with them: a duplicate takes their
+            # bandwidth, and a small request that only looks slow among many is rarely late
+            return None
+        else:
+            # from what is in the cache: bytes received but not yet written stay in a stalled
+            # transfer's buffer until its next byte comes, which may be never
+            mid = worst.written
         fresh = rtt + (worst.end - mid) / per_flow
         # worth it only when it saves real time: on a short path (loopback, a LAN) every
         # transfer looks slow next to a millisecond RTT, and hedging there only duplicates bytes
         if worst_eta < 2 * fresh or worst_eta - fresh < self.options.hedge_min_gain or mid >= worst.end:
             return None
         worst.hedged = True
+        log.info("%s [%d, %d): %d bytes still awaited, due in %.2f s; asking for [%d, %d) again (due in %.2f s)",
+                 worst.blob.digest[:19], worst.start, worst.end, left, worst_eta, mid, worst.end, fresh)
         return worst.blob, mid, worst.end
 
     def _endgame(self) -> bool:
@@ -1060,6 +1099,7 @@ class Scheduler:
                 continue
             if hedge:
                 self.stats.hedges += 1
+                self.stats.hedged_bytes += n
             else:
                 self._fill_launches += 1
             self._launch(b, s, e, Priority.FILL, counted=True, overlay=hedge)
