@@ -721,7 +721,7 @@ async def _endgame_with_one_straggler(tmp_path, seed, size, chunk, first):
 
 
 async def _finish_with_the_hedge(s, b, hedge, slow, data):
-    assert s.stats.hedges == 1
+    assert (s.stats.hedges, s.stats.hedged_bytes) == (1, hedge.end - hedge.offset)
     await hedge.steps.put(None)
     await s.wait_filled(b)
     assert not slow.done  # the fill did not wait for the straggler's own copy

@@ -202,6 +202,16 @@ class Transfer:
         self.overlay = False
         self.hedged = False  # the back part of its range was requested again (fill endgame)
 
+    @property
+    def arrived(self) -> int:
+        """The blob offset up to which the body has arrived ([start, arrived) is in `buf`)."""
+        return self.start + self.received
+
+    @property
+    def awaited(self) -> int:
+        """Bytes of the range still to arrive."""
+        return self.end - self.arrived
+
     def __repr__(self) -> str:
         state = "queued" if self.admit is not None and not self.admit.done() else "active"
         return f"<Transfer {self.blob.digest[7:19]} [{self.start}, {self.end}) {self.priority.name} {state}>"
@@ -544,7 +554,7 @@ class Scheduler:
         fresh = self._fg_est
         if fresh is None or not self._progressive or t.sent_at is None:
             return False
-        left = need_end - (t.start + t.received)
+        left = need_end - t.arrived
         if left <= 0:
             return False
         if t.received > 0 and t.first_byte_at is not None:
@@ -619,7 +629,7 @@ class Scheduler:
         """Progress side: wake t's runner when a piece is worth writing now."""
         if t.wake is None or t.wake.done():
             return
-        ready = t.start + t.received
+        ready = t.arrived
         if ready < t.end:
             ready = _align_down(ready, PAGE)
         if ready <= t.written:
@@ -642,7 +652,7 @@ class Scheduler:
         """Write what has arrived ([written, received), page aligned unless final) to the cache
         and wake the waiters it satisfies."""
         b = t.blob
-        ready = t.start + t.received
+        ready = t.arrived
         if not final and ready < t.end:
             ready = _align_down(ready, PAGE)
         if ready <= t.written:
@@ -912,7 +922,7 @@ class Scheduler:
             slots = max(1, self.window.max_requests - self.window.inflight_requests)
             return -(-left // slots)
         fill = [t for b in self._fill_order for t in b.inflight if t.priority == Priority.FILL]
-        arriving = left + sum(t.end - t.start - t.received for t in fill)
+        arriving = left + sum(t.awaited for t in fill)
         return int(arriving / (len(fill) + 1) - per_flow * rtt)
 
     def _staggered(self, chunk: int) -> int:
@@ -1001,7 +1011,7 @@ class Scheduler:
                 if t.priority != Priority.FILL or t.hedged or t.sent_at is None:
                     continue
                 fill_inflight += 1
-                left = t.end - (t.start + t.received)
+                left = t.awaited
                 if left < HEDGE_MIN_BYTES:
                     continue
                 if t.received > 0 and t.first_byte_at is not None:
@@ -1025,9 +1035,9 @@ class Scheduler:
                     worst, worst_eta = t, eta
         if worst is None:
             return None
-        left = worst.end - worst.start - worst.received
+        left = worst.awaited
         if left >= 2 * self.options.min_chunk:
-            mid = _align_up(worst.start + worst.received + left // 2, PAGE)
+            mid = _align_up(worst.arrived + left // 2, PAGE)
         elif fill_inflight > HEDGE_SMALL_MAX_INFLIGHT:
             # while more are in flight the link is busy with them: a duplicate takes their
             # bandwidth, and a small request that only looks slow among many is rarely late
