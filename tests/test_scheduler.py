@@ -691,22 +691,30 @@ async def test_fill_endgame_sizes_requests_to_end_with_the_transfers_in_flight(t
     await s.aclose()
 
 
-async def _endgame_with_one_straggler(tmp_path, seed, size, chunk, first):
-    """Four fill requests cover the whole blob (the endgame from the start). Each sees its
-    first `first` bytes 0.2 s after it was sent; 0.4 s later (a transfer's rate is judged on
-    two round trips of body at least) all but the first have finished. Returns the scheduler,
-    the fetcher, the blob, the straggler's call, the clock and the data."""
+async def _stepped_fill(tmp_path, seed, size, chunk, n):
+    """`n` fill requests of `chunk` cover a blob of `size` bytes (the endgame from the start),
+    on a fake clock. Returns the scheduler, the fetcher, the blob, the clock, the data and the
+    calls by offset."""
     data, digest = make_blob(seed, size)
     url = f"http://reg/v2/r/blobs/{digest}"
     f = SteppedFetcher({url: data})
-    s = make_sched(tmp_path, f, concurrency=4, chunk=chunk)
+    s = make_sched(tmp_path, f, concurrency=n, chunk=chunk)
     clock = FakeClock()
     s.clock = clock
     b = await s.open_remote(url, digest, len(data))
     s.start_fill(b, delay=0)
-    await f.wait_calls(4)
-    calls = sorted(f.calls[:4], key=lambda c: c.offset)
+    await f.wait_calls(n)
+    calls = sorted(f.calls[:n], key=lambda c: c.offset)
     assert calls[-1].end == len(data)
+    return s, f, b, clock, data, calls
+
+
+async def _endgame_with_one_straggler(tmp_path, seed, size, chunk, first):
+    """Four fill requests cover the whole blob. Each sees its first `first` bytes 0.2 s after
+    it was sent; 0.4 s later (a transfer's rate is judged on two round trips of body at least)
+    all but the first have finished. Returns the scheduler, the fetcher, the blob, the
+    straggler's call, the clock and the data."""
+    s, f, b, clock, data, calls = await _stepped_fill(tmp_path, seed, size, chunk, 4)
     slow = calls[0]
     clock.t += 0.2
     for c in calls:
@@ -766,6 +774,47 @@ async def test_fill_endgame_requests_all_a_small_straggler_awaits_again(tmp_path
     hedge = await asyncio.wait_for(f.wait_calls(5), timeout=30)
     # 448 KiB left (< 2 x 256 KiB), nothing written yet (less than a write piece arrived)
     assert (hedge.offset, hedge.end) == (slow.offset, slow.end)
+    await _finish_with_the_hedge(s, b, hedge, slow, data)
+
+
+async def test_fill_endgame_requests_a_stalled_last_segment_again(tmp_path):
+    """A transfer that got all but its last 2 KiB and then nothing (its last segment lost: the
+    retransmission timeout backs off, on the rig it held a fetch 2 s) is asked for again
+    once it has stalled, though so few bytes are not worth a request while they flow."""
+    s, f, b, slow, clock, data = await _endgame_with_one_straggler(tmp_path, 6, 2 * MiB, 512 * KiB, 510 * KiB)
+    assert s._hedge_pick() is None  # 0.4 s since its last byte: not stalled yet
+    clock.t += 0.5
+    hedge = await asyncio.wait_for(f.wait_calls(5), timeout=30)
+    assert hedge.end == slow.end and slow.offset <= hedge.offset <= slow.end - 2 * KiB
+    await _finish_with_the_hedge(s, b, hedge, slow, data)
+
+
+async def test_fill_endgame_requests_a_small_transfer_stalled_among_many_again(tmp_path):
+    """Among more than four fill transfers a small one is not asked for again for looking
+    slow, nor when every transfer has gone quiet together (our own loop fell behind, or the
+    link stopped: a duplicate would fare no better); one that got nothing for three round
+    trips while the others kept receiving is."""
+    s, f, b, clock, data, calls = await _stepped_fill(tmp_path, 7, 7 * 512 * KiB, 512 * KiB, 7)
+    slow, others, first_done = calls[0], calls[1:6], calls[6]
+    clock.t += 0.2
+    for c in calls:
+        await c.steps.put(256 * KiB)
+    await until(lambda: all(t.received == 256 * KiB for t in b.inflight))
+    clock.t += 0.4  # one finishes (a round trip and a flow rate to cost a hedge with)
+    await first_done.steps.put(None)
+    await until(lambda: len(b.inflight) == 6)
+    await slow.steps.put(510 * KiB)
+    for c in others:
+        await c.steps.put(320 * KiB)
+    await until(lambda: sum(t.received for t in b.inflight) == 510 * KiB + 5 * 320 * KiB)
+    clock.t += 0.7
+    assert s._hedge_pick() is None  # all six quiet alike for 0.7 s
+    for c in others:
+        await c.steps.put(384 * KiB)
+    hedge = await asyncio.wait_for(f.wait_calls(8), timeout=30)
+    assert hedge.end == slow.end and slow.offset <= hedge.offset <= slow.end - 2 * KiB
+    for c in others:
+        await c.steps.put(None)
     await _finish_with_the_hedge(s, b, hedge, slow, data)
 
 

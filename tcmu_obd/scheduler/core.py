@@ -82,9 +82,11 @@ WRITE_PIECE = 512 * 1024
 # much of each transfer (plus the cache's commit interval), not up to a whole piece
 PIECE_SECONDS = 0.1
 # fill endgame: a straggler that awaits less than this is not requested again (the hedge's own
-# round trip and GET cost more than the bytes; _hedge_pick's time test decides the rest)
+# round trip and GET cost more than the bytes; _hedge_pick's time test decides the rest),
+# unless it has stalled mid-body
 HEDGE_MIN_BYTES = 64 * 1024
-# ... and one awaiting less than two minimum requests only among this many fill transfers
+# ... and one awaiting less than two minimum requests only among this many fill transfers (or
+# when it stalled while the others kept receiving)
 HEDGE_SMALL_MAX_INFLIGHT = 4
 # ... and its rate is judged on at least this long (and two round trips) of its body: through a
 # local proxy, the first 3.6 KB of a 256 KiB response in 20 ms made it look 1.4 s from done
@@ -990,9 +992,10 @@ class Scheduler:
         it not yet in the cache), when a fresh request would deliver it much sooner. A
         connection in loss recovery, or one that went idle and restarts slow, otherwise holds
         the whole fill while the link idles: on the 200 ms rig a last 512 KiB request that
-        stalled after a loss held a 256 MiB fetch 0.8 s. The duplicate bytes (at most a minimum
-        request or half a request per straggler) are the price; whichever copy lands first is
-        kept."""
+        stalled after a loss held a 256 MiB fetch 0.8 s, and one whose last segment (2 KiB)
+        was lost held another 2 s, through retransmission timeouts that back off. The
+        duplicate bytes (at most a minimum request or half a request per straggler) are the
+        price; whichever copy lands first is kept."""
         if self.options.mode == "upstream" or not self._progressive:
             return None
         w = self.window
@@ -1002,45 +1005,46 @@ class Scheduler:
         if rtt is None or not per_flow:
             return None
         now = self.clock()
+        quiet = max(3 * rtt, HEDGE_MIN_RECEIVING)
+        fill = [t for b in self._fill_order if b.fill_state is FillState.ACTIVE for t in (*b.inflight, *b.extra)
+                if t.priority == Priority.FILL and not t.hedged and t.sent_at is not None]
+        latest = max((t.progress_at for t in fill if t.received > 0), default=0.0)
         worst, worst_eta = None, 0.0
-        fill_inflight = 0
-        for b in self._fill_order:
-            if b.fill_state is not FillState.ACTIVE:
+        for t in fill:
+            left = t.awaited
+            if left <= 0:
                 continue
-            for t in (*b.inflight, *b.extra):
-                if t.priority != Priority.FILL or t.hedged or t.sent_at is None:
-                    continue
-                fill_inflight += 1
-                left = t.awaited
-                if left < HEDGE_MIN_BYTES:
-                    continue
-                if t.received > 0 and t.first_byte_at is not None:
-                    receiving = now - t.first_byte_at
-                    if now - t.progress_at > max(3 * rtt, HEDGE_MIN_RECEIVING):
-                        eta = float("inf")  # stalled mid-body (a lost segment's retransmission timeout)
-                    elif receiving < max(2 * rtt, HEDGE_MIN_RECEIVING):
-                        continue  # its first bytes say little of its rate
-                    else:
-                        eta = left / (t.received / receiving)
-                elif left < 2 * self.options.min_chunk:
-                    # no byte yet: more likely queued behind the others (at the registry, at a
-                    # proxy) than stalled; through a local proxy, asking for these again made a
-                    # resumed 14 MiB fetch pull 27 MB
-                    continue
-                elif now - t.sent_at > 3 * rtt:
-                    eta = float("inf")  # no byte after three round trips: stalled
+            if t.received > 0 and t.first_byte_at is not None:
+                receiving = now - t.first_byte_at
+                if now - t.progress_at > quiet:
+                    # stalled mid-body: a lost segment waiting for its retransmission timeout,
+                    # however few bytes it holds back
+                    eta = float("inf")
+                elif left < HEDGE_MIN_BYTES or receiving < max(2 * rtt, HEDGE_MIN_RECEIVING):
+                    continue  # too little to be worth a round trip; its first bytes say little of its rate
                 else:
-                    eta = (t.sent_at + rtt - now) + left / per_flow
-                if eta > worst_eta:
-                    worst, worst_eta = t, eta
+                    eta = left / (t.received / receiving)
+            elif left < max(HEDGE_MIN_BYTES, 2 * self.options.min_chunk):
+                # no byte yet: more likely queued behind the others (at the registry, at a
+                # proxy) than stalled; through a local proxy, asking for these again made a
+                # resumed 14 MiB fetch pull 27 MB
+                continue
+            elif now - t.sent_at > 3 * rtt:
+                eta = float("inf")  # no byte after three round trips: stalled
+            else:
+                eta = (t.sent_at + rtt - now) + left / per_flow
+            if eta > worst_eta:
+                worst, worst_eta = t, eta
         if worst is None:
             return None
         left = worst.awaited
         if left >= 2 * self.options.min_chunk:
             mid = _align_up(worst.arrived + left // 2, PAGE)
-        elif fill_inflight > HEDGE_SMALL_MAX_INFLIGHT:
+        elif len(fill) > HEDGE_SMALL_MAX_INFLIGHT and not latest - worst.progress_at > quiet:
             # while more are in flight the link is busy with them: a duplicate takes their
-            # bandwidth, and a small request that only looks slow among many is rarely late
+            # bandwidth, and a small request that only looks slow among many is rarely late.
+            # One that got nothing while the others kept receiving is stalled all the same
+            # (our own loop falling behind would hold every transfer's bytes back alike).
             return None
         else:
             # from what is in the cache: bytes received but not yet written stay in a stalled
