@@ -1120,6 +1120,9 @@ def summarise(res: dict, a: argparse.Namespace, params: LinkParams) -> dict:
     if s.get("fg_idle_p90_ms") and s.get("fg_fill_p90_ms"):
         x = s["fg_fill_p90_ms"] / s["fg_idle_p90_ms"]
         t["fg p90 with filler <= 1.5 x without"] = {"value": x, "target": 1.5, "met": x <= 1.5}
+        if s.get("fg_fill_filler_MBps_during") is not None:
+            v = s["fg_fill_filler_MBps_during"]
+            t["... while that filler fills >= 35 MB/s"] = {"value": v, "target": 35, "met": v >= 35}
     if s.get("fg_idle_indep_p90_ms") and s.get("fg_fill_indep_p90_ms"):
         x = s["fg_fill_indep_p90_ms"] / s["fg_idle_indep_p90_ms"]
         t["(cross-check) independent-client p90 with filler <= 1.5 x without"] = {"value": x, "target": 1.5, "met": x <= 1.5}
