@@ -1020,8 +1020,10 @@ class Scheduler:
                     # stalled mid-body: a lost segment waiting for its retransmission timeout,
                     # however few bytes it holds back
                     eta = float("inf")
-                elif left < HEDGE_MIN_BYTES or receiving < max(2 * rtt, HEDGE_MIN_RECEIVING):
-                    continue  # too little to be worth a round trip; its first bytes say little of its rate
+                elif left < HEDGE_MIN_BYTES:
+                    continue  # too little to be worth a round trip while it flows
+                elif receiving < max(2 * rtt, HEDGE_MIN_RECEIVING):
+                    continue  # its first bytes say little of its rate
                 else:
                     eta = left / (t.received / receiving)
             elif left < max(HEDGE_MIN_BYTES, 2 * self.options.min_chunk):
@@ -1040,7 +1042,7 @@ class Scheduler:
         left = worst.awaited
         if left >= 2 * self.options.min_chunk:
             mid = _align_up(worst.arrived + left // 2, PAGE)
-        elif len(fill) > HEDGE_SMALL_MAX_INFLIGHT and not latest - worst.progress_at > quiet:
+        elif len(fill) > HEDGE_SMALL_MAX_INFLIGHT and latest - worst.progress_at <= quiet:
             # while more are in flight the link is busy with them: a duplicate takes their
             # bandwidth, and a small request that only looks slow among many is rarely late.
             # One that got nothing while the others kept receiving is stalled all the same
