@@ -612,8 +612,14 @@ class Bench:
         finally:
             mark["t1"] = s.now()
             st1 = self.rig.stats()
-            mark["line_drops"] = sum(st1.get(d, {}).get("dropped_frames", 0) - st0.get(d, {}).get("dropped_frames", 0) for d in ("s2c", "c2s"))
-            mark["s2c_bytes"] = st1.get("s2c", {}).get("delivered_bytes", 0) - st0.get("s2c", {}).get("delivered_bytes", 0)
+
+            def grew(direction: str, counter: str) -> int:
+                return st1.get(direction, {}).get(counter, 0) - st0.get(direction, {}).get(counter, 0)
+
+            mark["line_drops"] = grew("s2c", "dropped_frames") + grew("c2s", "dropped_frames")
+            mark["s2c_bytes"] = grew("s2c", "delivered_bytes")
+            # the line's CPU goes per frame, and a frame carries ~2 segments at 128 flows
+            mark["line_frames"] = {d: grew(d, "delivered_frames") for d in ("s2c", "c2s")}
             self.phase_marks.append(mark)
             log(f"phase {name} done in {mark['t1'] - mark['t0']:.1f} s")
 
