@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import compileall
 import contextlib
+import ctypes
 import hashlib
 import http.client
 import json
@@ -58,7 +59,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.linkemu import LinkParams, LinkRig, add_param_args, params_from_args, stop_process
+from bench.linkemu import LinkParams, LinkRig, add_param_args, params_from_args, set_pdeathsig, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -507,6 +508,37 @@ class Sampler:
         }
 
 
+PR_SET_THP_DISABLE = 41
+
+
+def _registry_preexec() -> None:
+    """In the registry's child before exec: the line's parent-death signal, and no transparent
+    huge pages (kept across exec): each fault of one would zero 2 MiB on the shared cores."""
+    set_pdeathsig()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
+
+
+def proc_status_field(pid: int, name: str) -> str | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == name:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def registry_label(a: argparse.Namespace) -> str:
+    parts = [f"GOGC={a.registry_gogc}"]
+    if a.registry_godebug:
+        parts.append(f"GODEBUG={a.registry_godebug}")
+    parts.append("THP off" if a.registry_thp == "off" else "THP as the host")
+    return "docker-registry 2.8 (Debian), " + ", ".join(parts)
+
+
 def wait_rusage(proc: subprocess.Popen, timeout: float) -> dict:
     """Reap `proc` with wait4 (killing it after `timeout`): CPU seconds and peak RSS. The exit
     is seen when it happens (a pidfd becomes readable), not at the next poll: phases are timed
@@ -635,9 +667,14 @@ class Bench:
             f"http:\n  addr: 0.0.0.0:{REG_PORT}\n  secret: tcmu-obd-bench-only\n"
         )
         env = {**os.environ, "GOGC": str(self.a.registry_gogc)}
+        kw = {}
+        if self.a.registry_godebug:
+            env["GODEBUG"] = self.a.registry_godebug
+        if self.a.registry_thp == "off":
+            kw["preexec_fn"] = _registry_preexec
         self.registry = self.rig.popen_reg(
             [self.a.registry_bin, "serve", str(cfg)], env=env,
-            stdout=open(self.scratch / "registry.log", "w"), stderr=subprocess.STDOUT,
+            stdout=open(self.scratch / "registry.log", "w"), stderr=subprocess.STDOUT, **kw,
         )
 
     def push(self, name: str, size: int) -> dict:
@@ -989,6 +1026,7 @@ class Bench:
             self.sampler.start()
             tun0 = rig.tun_stats()
             retrans0 = self.retrans()
+            registry_thp = proc_status_field(self.registry.pid, "THP_enabled")
             ph = self.results["phases"]
             try:
                 if "skopeo" in a.phases:
@@ -1017,6 +1055,7 @@ class Bench:
                     "tun_tx_dropped": {k: rig.tun_stats()[k]["tx_dropped"] - tun0[k]["tx_dropped"] for k in tun0},
                     "line_drops_total": rig.stats().get("s2c", {}).get("dropped_frames", 0) + rig.stats().get("c2s", {}).get("dropped_frames", 0),
                     "registry_TcpRetransSegs": self.retrans() - retrans0,
+                    "registry_THP_enabled": registry_thp,  # "0" when --registry-thp off took effect
                 }
                 self.results["marks"] = [{**m, **self.busy(m)} for m in self.phase_marks]
                 self.results["series"] = {m["name"]: self.series(m) for m in self.phase_marks}
@@ -1042,7 +1081,7 @@ def summarise(res: dict, a: argparse.Namespace, params: LinkParams) -> dict:
                  "server_tcp_wmem": params.server_wmem,
                  "client_tcp_rmem": res["link"]["sysctl"]["client"]["net.ipv4.tcp_rmem"],
                  "congestion_control": params.congestion, "cap_counts_per_segment_headers": params.wire_headers,
-                 "registry": "docker-registry 2.8 (Debian), GOGC=%s" % a.registry_gogc},
+                 "registry": registry_label(a)},
         "blob_bytes": a.blob_mib * MiB, "big_blob_bytes": a.big_mib * MiB,
         "filler": a.filler, "fetch_opts": " ".join(a.fetch_opts), "filler_download_config": DOWNLOAD_CONFIG, "validity": res.get("validity"),
     }
@@ -1337,6 +1376,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--standin-chunk-kib", type=int, default=4096, help="standin filler: bytes per range GET")
     ap.add_argument("--registry-bin", default=shutil.which("docker-registry") or "/usr/bin/docker-registry")
     ap.add_argument("--registry-gogc", type=int, default=400)
+    ap.add_argument("--registry-godebug", default="madvdontneed=0",
+                    help="GODEBUG of the registry ('' = none); the default keeps the heap it frees mapped "
+                         "(MADV_FREE), so reusing it does not fault in fresh zeroed pages")
+    ap.add_argument("--registry-thp", choices=("off", "host"), default="off",
+                    help="off: transparent huge pages disabled for the registry (prctl); host: as the host "
+                         "has them. Both defaults keep the registry's page zeroing off the 2 cores the "
+                         "client and the line share (bench/README.md)")
     ap.add_argument("--rss-bound-mib", type=float, default=256)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-verify", dest="verify", action="store_false")

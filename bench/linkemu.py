@@ -473,7 +473,7 @@ def run(p: LinkParams, stats_path: str | None) -> int:
 # LinkRig: the context manager used by the benchmark and the tests
 
 
-def _set_pdeathsig() -> None:
+def set_pdeathsig() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
@@ -515,7 +515,7 @@ class LinkRig:
         argv = [self.python, "-m", "bench.linkemu", "run", "--stats-file", self.stats_path, *self.p.argv()]
         self.proc = subprocess.Popen(
             argv, cwd=str(Path(__file__).resolve().parent.parent), stdout=subprocess.PIPE,
-            text=True, preexec_fn=_set_pdeathsig,
+            text=True, preexec_fn=set_pdeathsig,
         )
         atexit.register(self.close)
         if threading_is_main():
@@ -573,7 +573,7 @@ class LinkRig:
         }
 
     def popen(self, ns: str, argv: Sequence[str], **kw) -> subprocess.Popen:
-        kw.setdefault("preexec_fn", _set_pdeathsig)
+        kw.setdefault("preexec_fn", set_pdeathsig)
         proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)
         self.children.append(proc)
         return proc
