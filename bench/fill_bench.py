@@ -668,6 +668,7 @@ class Bench:
         )
         env = {**os.environ, "GOGC": str(self.a.registry_gogc)}
         kw = {}
+        env.pop("GODEBUG", None)  # the label says what the registry runs with, nothing inherited
         if self.a.registry_godebug:
             env["GODEBUG"] = self.a.registry_godebug
         if self.a.registry_thp == "off":
