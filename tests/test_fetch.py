@@ -38,9 +38,11 @@ def test_fetch_fills_every_remote_lower(tmp_path, registry, capsys):  # noqa: F8
         assert (tmp_path / f"layer{i}" / "overlaybd.commit").read_bytes() == (LAYERS / n).read_bytes()
         assert sorted(os.listdir(tmp_path / f"layer{i}")) == ["overlaybd.commit"]
     m = DONE.search(capsys.readouterr().out)
-    assert m and int(m.group(1)) == 2 and int(m.group(2)) == sum(s for _, s in blobs)
     s = json.loads(stats.read_text())
     assert s["ok"] is True
+    # every byte once, but for the endgame asking again for a stalled transfer (both may land)
+    assert m and int(m.group(1)) == 2
+    assert 0 <= int(m.group(2)) - sum(n for _, n in blobs) <= s["hedged_bytes"], s
     # the first requests rode connections opened while the program was still loading
     assert s["preconnect"]["taken"] >= 1 and s["preconnect"]["discarded"] == 0, s["preconnect"]
     # run again: everything is local now, nothing to do

@@ -115,7 +115,8 @@ async def test_scrapes_during_a_fill_show_bytes_and_inflight_moving(tmp_path, re
                 proxy.clear()  # seen moving: the rest at full speed
                 await done
                 final = await scrape()
-            assert final[fetched] == len(data) and final[inflight] == 0
+            # every byte once, but for the endgame asking again for a stalled transfer
+            assert 0 <= final[fetched] - len(data) <= sched.stats.hedged_bytes and final[inflight] == 0
             assert final[("tcmu_obd_layer_fill_ratio", (("digest", digest),))] == 1.0
             assert final[("tcmu_obd_layer_fill_state", (("digest", digest), ("state", "done")))] == 1.0
             assert final[("tcmu_obd_registry_retries_total", (("cause", "throttled"),))] == 1
