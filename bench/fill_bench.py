@@ -520,17 +520,6 @@ def _registry_preexec() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
 
 
-def proc_status_field(pid: int, name: str) -> str | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == name:
-                return value.strip()
-    except OSError:
-        pass
-    return None
-
-
 def registry_label(a: argparse.Namespace) -> str:
     parts = [f"GOGC={a.registry_gogc}"]
     if a.registry_godebug:
@@ -576,14 +565,22 @@ def proc_cpu_s(pid: int) -> float | None:
 RSS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as {field: value}; empty once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+    except OSError:
+        return {}
+
+
 def read_rss_kb(pid: int) -> dict[str, int] | None:
     """VmRSS, VmHWM (peak), RssAnon, RssFile, RssShmem in KiB. RssFile counts pages of mapped
     files (e.g. an mmap'd cache file): reclaimable page cache, not heap."""
+    d = proc_status(pid)
     try:
-        with open(f"/proc/{pid}/status") as f:
-            d = dict(line.split(":", 1) for line in f if line.startswith(RSS_KEYS))
-        return {k: int(d[k].split()[0]) for k in RSS_KEYS if k in d}
-    except (OSError, ValueError):
+        return {k: int(d[k].split()[0]) for k in RSS_KEYS if k in d} if d else None
+    except ValueError:
         return None
 
 
@@ -667,10 +664,10 @@ class Bench:
             f"http:\n  addr: 0.0.0.0:{REG_PORT}\n  secret: tcmu-obd-bench-only\n"
         )
         env = {**os.environ, "GOGC": str(self.a.registry_gogc)}
-        kw = {}
         env.pop("GODEBUG", None)  # the label says what the registry runs with, nothing inherited
         if self.a.registry_godebug:
             env["GODEBUG"] = self.a.registry_godebug
+        kw = {}
         if self.a.registry_thp == "off":
             kw["preexec_fn"] = _registry_preexec
         self.registry = self.rig.popen_reg(
@@ -1027,7 +1024,7 @@ class Bench:
             self.sampler.start()
             tun0 = rig.tun_stats()
             retrans0 = self.retrans()
-            registry_thp = proc_status_field(self.registry.pid, "THP_enabled")
+            registry_thp = proc_status(self.registry.pid).get("THP_enabled")
             ph = self.results["phases"]
             try:
                 if "skopeo" in a.phases:
