@@ -66,6 +66,7 @@ BENCH = ROOT / "bench"
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 TCMU_OBD = ROOT / ".venv" / "bin" / "tcmu-obd"
 REG_PORT = 5000
+NGINX_PORT = 5001  # --blob-server nginx: the registry's blob files over sendfile (a diagnostic)
 MiB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -604,6 +605,11 @@ class Bench:
     def blob_url(self, img: dict) -> str:
         return f"{self.reg_url()}/v2/{img['repo']}/blobs/{img['digest']}"
 
+    def fill_blob_base(self, img: dict) -> str:
+        """repoBlobUrl of the filler phases: the registry, or nginx with --blob-server nginx."""
+        port = NGINX_PORT if self.a.blob_server == "nginx" else REG_PORT
+        return f"http://{self.p.server_addr}:{port}/v2/{img['repo']}/blobs"
+
     def helper(self, ns_side: str, args: list[str], timeout: float | None = None) -> dict:
         run = self.rig.run_reg if ns_side == "reg" else self.rig.run_cli
         r = run([str(VENV_PY), "-m", "bench.fill_bench", *args], check=False, timeout=timeout,
@@ -653,6 +659,40 @@ class Bench:
             log(f"phase {name} done in {mark['t1'] - mark['t0']:.1f} s")
 
     # -- setup
+    def start_nginx(self) -> subprocess.Popen:
+        """nginx in the registry's namespace serving the registry's own blob files (sendfile, one
+        process): --blob-server nginx, to see what the registry's CPU per GET costs a fill on
+        the cores it shares with the client and the line. Only blob GETs and HEADs; skopeo and
+        the image pushes stay on the registry."""
+        if not os.access(self.a.nginx_bin, os.X_OK):
+            raise RuntimeError(f"--blob-server nginx: no nginx at {self.a.nginx_bin} (apt install nginx-light)")
+        blobs = self.work / "registry" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+        cfg = self.scratch / "nginx.conf"
+        cfg.write_text(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n"
+            f"pid {self.scratch / 'nginx.pid'};\nerror_log {self.scratch / 'nginx-error.log'} warn;\n"
+            "events { worker_connections 1024; }\n"
+            "http {\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n"
+            "  keepalive_requests 100000;\n  keepalive_timeout 75s;\n"
+            f"  client_body_temp_path {self.scratch};\n"
+            f"  server {{\n    listen {NGINX_PORT};\n"
+            '    location ~ "^/v2/.+/blobs/sha256:(([0-9a-f]{2})[0-9a-f]{62})$" {\n'
+            f"      alias {blobs}/$2/$1/data;\n      default_type application/octet-stream;\n    }}\n  }}\n}}\n")
+        proc = self.rig.popen_reg([self.a.nginx_bin, "-c", str(cfg), "-p", str(self.scratch), "-e",
+                                   str(self.scratch / "nginx-error.log")],
+                                  stdout=open(self.scratch / "nginx.log", "w"), stderr=subprocess.STDOUT,
+                                  preexec_fn=set_pdeathsig)
+        # ready once a connect from inside its namespace succeeds
+        probe = ("import socket,sys,time\nend=time.monotonic()+10\nwhile True:\n"
+                 f" try: socket.create_connection(('127.0.0.1',{NGINX_PORT}),1).close(); break\n"
+                 " except OSError:\n  if time.monotonic()>end: sys.exit('nginx is not listening')\n"
+                 "  time.sleep(0.05)\n")
+        r = self.rig.run_reg([str(VENV_PY), "-c", probe], check=False)
+        if r.returncode != 0 or proc.poll() is not None:
+            said = [p.read_text()[-1000:] for p in (self.scratch / "nginx-error.log", self.scratch / "nginx.log") if p.exists()]
+            raise RuntimeError(f"nginx did not start: {' '.join(said) or r.stderr[-1000:]}")
+        return proc
+
     def start_registry(self) -> None:
         regdir = self.work / "registry"
         regdir.mkdir(parents=True, exist_ok=True)
@@ -759,7 +799,7 @@ class Bench:
         }, indent=2))
         c = d / "config.v1.json"
         c.write_text(json.dumps({
-            "repoBlobUrl": f"{self.reg_url()}/v2/{img['repo']}/blobs",
+            "repoBlobUrl": self.fill_blob_base(img),
             "lowers": [{"digest": img["digest"], "size": img["size"], "dir": str(d / "layer")}],
             "resultFile": str(d / "result"),
         }, indent=2))
@@ -1018,8 +1058,11 @@ class Bench:
             self.start_registry()
             small = self.push(f"fill-{a.blob_mib}m", a.blob_mib * MiB)
             big = self.push(f"fill-{a.big_mib}m", a.big_mib * MiB)
+            nginx = self.start_nginx() if a.blob_server == "nginx" else None
             self.sampler = Sampler(rig)
             self.sampler.watch["registry"] = self.registry.pid
+            if nginx is not None:
+                self.sampler.watch["nginx"] = nginx.pid
             self.sampler.watch["linkemu"] = rig.proc.pid
             self.sampler.start()
             tun0 = rig.tun_stats()
@@ -1057,6 +1100,8 @@ class Bench:
                 }
                 self.results["marks"] = [{**m, **self.busy(m)} for m in self.phase_marks]
                 self.results["series"] = {m["name"]: self.series(m) for m in self.phase_marks}
+                if nginx is not None:
+                    stop_process(nginx)
                 stop_process(self.registry)
         return self.results
 
@@ -1079,7 +1124,7 @@ def summarise(res: dict, a: argparse.Namespace, params: LinkParams) -> dict:
                  "server_tcp_wmem": params.server_wmem,
                  "client_tcp_rmem": res["link"]["sysctl"]["client"]["net.ipv4.tcp_rmem"],
                  "congestion_control": params.congestion, "cap_counts_per_segment_headers": params.wire_headers,
-                 "registry": registry_label(a)},
+                 "registry": registry_label(a), "fill_blob_server": a.blob_server},
         "blob_bytes": a.blob_mib * MiB, "big_blob_bytes": a.big_mib * MiB,
         "filler": a.filler, "fetch_opts": " ".join(a.fetch_opts), "filler_download_config": DOWNLOAD_CONFIG, "validity": res.get("validity"),
     }
@@ -1381,6 +1426,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="off: transparent huge pages disabled for the registry (prctl); host: as the host "
                          "has them. Both defaults keep the registry's page zeroing off the 2 cores the "
                          "client and the line share (bench/README.md)")
+    ap.add_argument("--blob-server", choices=("registry", "nginx"), default="registry",
+                    help="nginx (a diagnostic): the filler phases read the blobs from nginx serving the "
+                         "registry's own files with sendfile, to measure what the registry's CPU per GET "
+                         "costs them on the 2 shared cores; skopeo and the pushes stay on the registry")
+    ap.add_argument("--nginx-bin", default=shutil.which("nginx") or "/usr/sbin/nginx")
     ap.add_argument("--rss-bound-mib", type=float, default=256)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-verify", dest="verify", action="store_false")
