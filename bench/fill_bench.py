@@ -606,7 +606,8 @@ class Bench:
         return f"{self.reg_url()}/v2/{img['repo']}/blobs/{img['digest']}"
 
     def fill_blob_base(self, img: dict) -> str:
-        """repoBlobUrl of the filler phases: the registry, or nginx with --blob-server nginx."""
+        """repoBlobUrl of the phases that run tcmu-obd (filler, fg, rss): the registry, or nginx
+        with --blob-server nginx."""
         port = NGINX_PORT if self.a.blob_server == "nginx" else REG_PORT
         return f"http://{self.p.server_addr}:{port}/v2/{img['repo']}/blobs"
 
@@ -662,8 +663,8 @@ class Bench:
     def start_nginx(self) -> subprocess.Popen:
         """nginx in the registry's namespace serving the registry's own blob files (sendfile, one
         process): --blob-server nginx, to see what the registry's CPU per GET costs a fill on
-        the cores it shares with the client and the line. Only blob GETs and HEADs; skopeo and
-        the image pushes stay on the registry."""
+        the cores it shares with the client and the line. Only blob GETs and HEADs; skopeo, the
+        pushes and the aiohttp-only phases (seq, the independent reader) stay on the registry."""
         if not os.access(self.a.nginx_bin, os.X_OK):
             raise RuntimeError(f"--blob-server nginx: no nginx at {self.a.nginx_bin} (apt install nginx-light)")
         blobs = self.work / "registry" / "docker" / "registry" / "v2" / "blobs" / "sha256"
@@ -1427,9 +1428,10 @@ def main(argv: list[str] | None = None) -> int:
                          "has them. Both defaults keep the registry's page zeroing off the 2 cores the "
                          "client and the line share (bench/README.md)")
     ap.add_argument("--blob-server", choices=("registry", "nginx"), default="registry",
-                    help="nginx (a diagnostic): the filler phases read the blobs from nginx serving the "
-                         "registry's own files with sendfile, to measure what the registry's CPU per GET "
-                         "costs them on the 2 shared cores; skopeo and the pushes stay on the registry")
+                    help="nginx (a diagnostic): the phases that run tcmu-obd (filler, fg, rss) read the "
+                         "blobs from nginx serving the registry's own files with sendfile, to measure what "
+                         "the registry's CPU per GET costs them on the 2 shared cores; skopeo, seq and the "
+                         "independent reader stay on the registry")
     ap.add_argument("--nginx-bin", default=shutil.which("nginx") or "/usr/sbin/nginx")
     ap.add_argument("--rss-bound-mib", type=float, default=256)
     ap.add_argument("--seed", type=int, default=1)
