@@ -1093,9 +1093,10 @@ class Bench:
                     ph["rss"] = self.run_rss(big)
             finally:
                 self.sampler.stop()
+                tun1, line = rig.tun_stats(), rig.stats()
                 self.results["validity"] = {
-                    "tun_tx_dropped": {k: rig.tun_stats()[k]["tx_dropped"] - tun0[k]["tx_dropped"] for k in tun0},
-                    "line_drops_total": rig.stats().get("s2c", {}).get("dropped_frames", 0) + rig.stats().get("c2s", {}).get("dropped_frames", 0),
+                    "tun_tx_dropped": {k: tun1[k]["tx_dropped"] - tun0[k]["tx_dropped"] for k in tun0},
+                    "line_drops_total": sum(line.get(d, {}).get("dropped_frames", 0) for d in ("s2c", "c2s")),
                     "registry_TcpRetransSegs": self.retrans() - retrans0,
                     "registry_THP_enabled": registry_thp,  # "0" when --registry-thp off took effect
                 }
