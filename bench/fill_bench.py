@@ -147,21 +147,26 @@ def _upload(h: Http, repo: str, chunks, expect_size: int) -> tuple[str, int]:
     return digest, off
 
 
-def push_image(host: str, port: int, repo: str, tag: str, size: int, seed: int) -> dict:
-    """Push a one-layer OCI image whose layer is `size` deterministic random bytes; reuse it if
-    the registry already has that tag with a layer of that size. Returns layer/config digests."""
+def wait_http(host: str, port: int, method: str, path: str, timeout: float = 30.0) -> Http:
+    """A connection to a server that has just been started, once `method path` answers 200."""
     h = Http(host, port)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            r, _ = h.req("GET", "/v2/")
+            r, _ = h.req(method, path)
             if r.status == 200:
-                break
+                return h
         except OSError:
             h = Http(host, port)
         if time.monotonic() > deadline:
-            raise RuntimeError("registry did not come up")
+            raise RuntimeError(f"{host}:{port} did not answer {method} {path} with 200 within {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def push_image(host: str, port: int, repo: str, tag: str, size: int, seed: int) -> dict:
+    """Push a one-layer OCI image whose layer is `size` deterministic random bytes; reuse it if
+    the registry already has that tag with a layer of that size. Returns layer/config digests."""
+    h = wait_http(host, port, "GET", "/v2/")
     r, body = h.req("GET", f"/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
     if r.status == 200:
         m = json.loads(body)
@@ -431,8 +436,15 @@ def internal_main(argv: list[str]) -> int:
     st.add_argument("--out", required=True)
     st.add_argument("--conns", type=int, default=16)
     st.add_argument("--chunk", type=int, default=4 * MiB)
+    wt = sub.add_parser("_wait")
+    wt.add_argument("--port", type=int, required=True)
+    wt.add_argument("--method", default="GET")
+    wt.add_argument("--path", required=True)
     a = ap.parse_args(argv)
-    if a.cmd == "_push":
+    if a.cmd == "_wait":
+        wait_http("127.0.0.1", a.port, a.method, a.path)
+        res = {"ok": True}
+    elif a.cmd == "_push":
         res = push_image(a.host, a.port, a.repo, a.tag, a.size, a.seed)
     elif a.cmd == "_seq":
         res = asyncio.run(seq_pattern(a.url, a.size, a.chunk, a.seconds))
@@ -660,11 +672,12 @@ class Bench:
             log(f"phase {name} done in {mark['t1'] - mark['t0']:.1f} s")
 
     # -- setup
-    def start_nginx(self) -> subprocess.Popen:
+    def start_nginx(self, img: dict) -> subprocess.Popen:
         """nginx in the registry's namespace serving the registry's own blob files (sendfile, one
         process): --blob-server nginx, to see what the registry's CPU per GET costs a fill on
         the cores it shares with the client and the line. Only blob GETs and HEADs; skopeo, the
-        pushes and the aiohttp-only phases (seq, the independent reader) stay on the registry."""
+        pushes and the aiohttp-only phases (seq, the independent reader) stay on the registry.
+        Ready once a HEAD of `img`'s blob answers 200 from inside the namespace."""
         if not os.access(self.a.nginx_bin, os.X_OK):
             raise RuntimeError(f"--blob-server nginx: no nginx at {self.a.nginx_bin} (apt install nginx-light)")
         blobs = self.work / "registry" / "docker" / "registry" / "v2" / "blobs" / "sha256"
@@ -683,15 +696,12 @@ class Bench:
                                    str(self.scratch / "nginx-error.log")],
                                   stdout=open(self.scratch / "nginx.log", "w"), stderr=subprocess.STDOUT,
                                   preexec_fn=set_pdeathsig)
-        # ready once a connect from inside its namespace succeeds
-        probe = ("import socket,sys,time\nend=time.monotonic()+10\nwhile True:\n"
-                 f" try: socket.create_connection(('127.0.0.1',{NGINX_PORT}),1).close(); break\n"
-                 " except OSError:\n  if time.monotonic()>end: sys.exit('nginx is not listening')\n"
-                 "  time.sleep(0.05)\n")
-        r = self.rig.run_reg([str(VENV_PY), "-c", probe], check=False)
-        if r.returncode != 0 or proc.poll() is not None:
+        try:
+            self.helper("reg", ["_wait", "--port", str(NGINX_PORT), "--method", "HEAD",
+                                "--path", f"/v2/{img['repo']}/blobs/{img['digest']}"], timeout=60)
+        except RuntimeError as e:
             said = [p.read_text()[-1000:] for p in (self.scratch / "nginx-error.log", self.scratch / "nginx.log") if p.exists()]
-            raise RuntimeError(f"nginx did not start: {' '.join(said) or r.stderr[-1000:]}")
+            raise RuntimeError(f"nginx did not start: {' '.join(said) or e}") from e
         return proc
 
     def start_registry(self) -> None:
@@ -1059,7 +1069,7 @@ class Bench:
             self.start_registry()
             small = self.push(f"fill-{a.blob_mib}m", a.blob_mib * MiB)
             big = self.push(f"fill-{a.big_mib}m", a.big_mib * MiB)
-            nginx = self.start_nginx() if a.blob_server == "nginx" else None
+            nginx = self.start_nginx(small) if a.blob_server == "nginx" else None
             self.sampler = Sampler(rig)
             self.sampler.watch["registry"] = self.registry.pid
             if nginx is not None:
